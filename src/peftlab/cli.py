@@ -1,0 +1,144 @@
+"""Command-line interface: argument parsing only; each command calls one workflow function.
+
+User errors (`UserError`) become one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from peftlab.errors import UserError
+
+
+def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        parser.add_argument("config", nargs="?", default=None,
+                            help="study YAML, or a shipped config name (default: demo)")
+    else:
+        parser.add_argument("config", help="study YAML, or a shipped config name (demo, smoke, samples, seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.seed=7 (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"peftlab {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser("prepare", help="sample, convert, tokenise and balance the study data")
+    _add_config(prepare)
+
+    train = commands.add_parser("train", help="fine-tune one configured method")
+    _add_config(train)
+    train.add_argument("--method", required=True, help="a name under methods: in the config")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    evaluate = commands.add_parser("evaluate", help="generate on the test split and score")
+    _add_config(evaluate)
+    evaluate.add_argument("--model", required=True, help="base, a trained method, or ensemble")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
+
+    score = commands.add_parser("score", help="score a JSONL file of prediction/reference rows")
+    score.add_argument("file", type=Path)
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+
+    report = commands.add_parser("report", help="write report.md, report.html and plots for a run directory")
+    report.add_argument("run_dir", type=Path)
+
+    study = commands.add_parser("study", help="prepare -> train -> evaluate -> report, skipping finished stages")
+    _add_config(study, optional=True)
+
+    demo = commands.add_parser("demo-data", help="write the built-in demo dataset files")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--rows", type=int, default=400, help="rows per schema")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peftlab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _load(args: argparse.Namespace):
+    from peftlab.config import load_config
+    from peftlab.rundir import default_run_dir
+
+    config = load_config(args.config, args.overrides)
+    return config, (args.out or default_run_dir(config))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from peftlab.workflow import run_prepare
+
+        config, run_dir = _load(args)
+        run_prepare(config, run_dir)
+    elif args.command == "train":
+        from peftlab.workflow import run_train
+
+        config, run_dir = _load(args)
+        run_train(config, run_dir, args.method, resume=args.resume)
+    elif args.command == "evaluate":
+        from peftlab.workflow import run_evaluate
+
+        config, run_dir = _load(args)
+        run_evaluate(config, run_dir, args.model, limit=args.limit)
+    elif args.command == "score":
+        return _score(args)
+    elif args.command == "report":
+        from peftlab.workflow import run_report
+
+        run_report(args.run_dir)
+    elif args.command == "study":
+        from peftlab.workflow import run_study
+
+        config, run_dir = _load(args)
+        run_study(config, run_dir)
+    elif args.command == "demo-data":
+        from peftlab.data.demo import write_demo_files
+
+        for schema, path in write_demo_files(args.out, args.rows).items():
+            print(f"{schema}: {path}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from peftlab.evaluate.metrics import score_file
+
+    table = score_file(args.file)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"{'rows':>10} {'BLEU-4':>8} {'ROUGE-L':>8}  (95% bootstrap CI)")
+    blocks = {"all": table, **table.get("per_source", {})}
+    for name, block in blocks.items():
+        print(f"{name:>10} {block['bleu4']:8.4f} {block['rougeL']:8.4f}  n={block['n']}"
+              f"  BLEU-4 [{block['bleu4_ci'][0]:.4f}, {block['bleu4_ci'][1]:.4f}]"
+              f"  ROUGE-L [{block['rougeL_ci'][0]:.4f}, {block['rougeL_ci'][1]:.4f}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except UserError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted (finished stages are kept; re-run to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

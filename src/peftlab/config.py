@@ -1,0 +1,502 @@
+"""The study configuration: typed dataclasses, YAML loading, `--set` overrides and validation.
+
+One YAML file describes a whole study. This module is the only place that knows its shape:
+`load_config` reads the YAML, applies `--set key.path=value` overrides, merges the shared
+`train:` defaults into every method, converts the result into dataclasses (rejecting unknown
+keys and wrong types with the key path in the message) and checks values that types cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from peftlab.errors import UserError
+
+SourceFormat = Literal["alpaca", "tulu", "ultrachat", "messages", "sharegpt"]
+MethodKind = Literal["qlora", "lora", "galore", "full", "hybrid"]
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    format: SourceFormat
+    path: str
+    split: str = "train"
+    subset: str | None = None
+
+
+@dataclass
+class DataConfig:
+    seed: int = 42
+    train_per_source: int = 5000
+    test_per_source: int = 2000
+    train_buffer: int = 5200
+    test_buffer: int = 2100
+    max_seq_length: int = 2048
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class PrepareConfig:
+    """How the data stage treats rows (kept apart from `data:`, whose keys are a fixed contract)."""
+
+    overlength: Literal["drop", "truncate"] = "truncate"
+    # Rows carved from each source's train buffer (after the train rows) to choose ensemble weights.
+    validation_per_source: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "google/gemma-3-1b-it"
+    # A config.json to build the model from with random weights (tests and benchmarks).
+    config: str | None = None
+    # Where the tokenizer comes from when it differs from name_or_path.
+    tokenizer: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Training/inference dtype: auto = bf16 on a GPU that supports it, fp32 on CPU.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class QuantSettings:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+@dataclass
+class GaloreSettings:
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    # Substrings of module names whose 2-D weights get low-rank projected gradients.
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    variant: Literal["adamw", "adamw8bit", "layerwise"] = "adamw"
+
+
+@dataclass
+class StageConfig:
+    """One step of a sequential method: another method's recipe, or `merge`."""
+
+    method: str
+    epochs: float | None = None
+    max_steps: int | None = None
+
+
+@dataclass
+class MethodConfig:
+    kind: MethodKind
+    epochs: float = 3.0
+    # > 0 caps the number of optimizer steps (overrides epochs).
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    loss_on: Literal["assistant", "all"] = "assistant"
+    seed: int = 42
+    # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU, adamw_torch otherwise.
+    optimizer: str = "auto"
+    logging_steps: int = 1
+    save_steps: int = 200
+    save_total_limit: int = 2
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    galore: GaloreSettings = field(default_factory=GaloreSettings)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class EnsembleConfig:
+    members: list[str] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    # Metric maximised on the validation split to choose alpha.
+    select_by: Literal["bleu4", "rougeL"] = "rougeL"
+    validation_limit: int | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    max_new_tokens: int = 1024
+    batch_size: int = 16
+    limit: int | None = None
+    bootstrap_samples: int = 1000
+    # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.
+    models: list[str] = field(default_factory=list)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    methods: dict[str, MethodConfig] = field(default_factory=dict)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Where the YAML came from (not a YAML key).
+    source_file: str | None = field(default=None, metadata={"internal": True})
+
+    def method(self, name: str) -> MethodConfig:
+        if name not in self.methods:
+            known = ", ".join(self.methods) or "none"
+            raise UserError(f"unknown method '{name}' (configured methods: {known})")
+        return self.methods[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_config_path(path: str | None) -> Path:
+    """A config argument: a file path, or the name of a shipped config (`demo`, `smoke`, ...)."""
+    if path is None:
+        path = "demo"
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = BUILTIN_CONFIG_DIR / f"{path.removesuffix('.yaml')}.yaml"
+    if "/" not in path and shipped.is_file():
+        return shipped
+    if candidate.exists():
+        raise UserError(f"config {path}: not a file")
+    names = ", ".join(sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config {path}: file not found (shipped configs: {names})")
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> StudyConfig:
+    config_path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config {config_path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config {config_path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    config = config_from_dict(raw, source=str(config_path))
+    config.source_file = str(config_path)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> StudyConfig:
+    raw = dict(raw)
+    shared_train = raw.pop("train", None) or {}
+    if not isinstance(shared_train, dict):
+        raise UserError(f"{source}: 'train' must be a mapping of defaults shared by every method")
+    methods_raw = raw.get("methods") or {}
+    if not isinstance(methods_raw, dict):
+        raise UserError(f"{source}: 'methods' must be a mapping of method name -> settings")
+    raw["methods"] = {name: _merge(shared_train, body or {}) for name, body in methods_raw.items()}
+    try:
+        config = _build(StudyConfig, raw, "")
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    try:
+        validate(config)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return config
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `key.path=value` override (value parsed as YAML) to the raw config mapping."""
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set data.seed=7")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _descend(node, part, ".".join(parts[: depth + 1]), item)
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _list_index(node, last, key, item)
+        node[index] = value
+    else:
+        node[last] = value
+
+
+def _descend(node: Any, part: str, where: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where, item)]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {item}: '{where}' is not a section")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _list_index(node: list[Any], part: str, where: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise UserError(f"--set {item}: '{where}' needs a list index below {len(node)}")
+    return int(part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion: unknown keys and wrong types are errors naming the key path.
+
+_SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{path or 'config'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
+        raise UserError(f"unknown key '{_join(path, key)}'{hint}")
+    values = {}
+    for name, spec in fields.items():
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], _join(path, name))
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise UserError(f"missing required key '{_join(path, name)}'")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise UserError(f"{path}: {_show(value)} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{path}: expected a list, got {_show(value)}")
+        return [_convert(args[0], v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, got {_show(value)}")
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    return _convert_scalar(hint, value, path)
+
+
+def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is Any:
+        return value
+    raise UserError(f"{path}: expected {_SIMPLE.get(hint, hint)}, got {_show(value)}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks that types cannot express.
+
+
+def validate(config: StudyConfig) -> None:
+    data = config.data
+    for key in ("train_per_source", "max_seq_length"):
+        if getattr(data, key) < 1:
+            raise UserError(f"data.{key} must be at least 1, got {getattr(data, key)}")
+    for key in ("test_per_source", "train_buffer", "test_buffer"):
+        if getattr(data, key) < 0:
+            raise UserError(f"data.{key} must not be negative, got {getattr(data, key)}")
+    needed_train = data.train_per_source + config.prepare.validation_per_source
+    if data.train_buffer < needed_train:
+        raise UserError(
+            f"data.train_buffer ({data.train_buffer}) must be at least data.train_per_source"
+            f" + prepare.validation_per_source ({needed_train})"
+        )
+    if data.test_buffer < data.test_per_source:
+        raise UserError(
+            f"data.test_buffer ({data.test_buffer}) must be at least data.test_per_source ({data.test_per_source})"
+        )
+    if not data.sources:
+        raise UserError("data.sources: at least one source is needed")
+    names = [s.name for s in data.sources]
+    for i, source in enumerate(data.sources):
+        if not source.name or not source.name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"data.sources.{i}.name: use letters, digits, '-' and '_' only, got {source.name!r}")
+        if names.count(source.name) > 1:
+            raise UserError(f"data.sources.{i}.name: duplicate source name '{source.name}'")
+    if config.prepare.validation_per_source < 0:
+        raise UserError("prepare.validation_per_source must not be negative")
+    reserved = {"base", "ensemble", "merge"}
+    for name, method in config.methods.items():
+        where = f"methods.{name}"
+        if name in reserved or not name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"{where}: '{name}' cannot name a method (reserved or not letters/digits/-/_)")
+        _validate_method(config, name, method, where)
+    _validate_evaluate(config)
+
+
+def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:
+    positive = {"batch_size": method.batch_size, "grad_accum": method.grad_accum, "logging_steps": method.logging_steps,
+                "save_steps": method.save_steps, "lora.r": method.lora.r, "galore.rank": method.galore.rank,
+                "galore.update_proj_gap": method.galore.update_proj_gap}
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{where}.{key} must be at least 1, got {value}")
+    if method.lr <= 0:
+        raise UserError(f"{where}.lr must be positive, got {method.lr}")
+    if method.epochs <= 0 and method.max_steps <= 0:
+        raise UserError(f"{where}: set epochs > 0 or max_steps > 0")
+    if not 0 <= method.lora.dropout < 1:
+        raise UserError(f"{where}.lora.dropout must be in [0, 1), got {method.lora.dropout}")
+    if method.max_grad_norm < 0 or method.weight_decay < 0 or method.warmup_steps < 0:
+        raise UserError(f"{where}: max_grad_norm, weight_decay and warmup_steps must not be negative")
+    if method.kind == "hybrid":
+        _validate_stages(config, name, method, where)
+    elif method.stages:
+        raise UserError(f"{where}.stages: only methods of kind 'hybrid' have stages")
+
+
+def _validate_stages(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:
+    if not method.stages:
+        raise UserError(f"{where}.stages: a hybrid needs a list of stages, e.g. qlora, merge, galore")
+    trains_adapters = False
+    for i, stage in enumerate(method.stages):
+        at = f"{where}.stages.{i}"
+        if stage.method == "merge":
+            if not trains_adapters:
+                raise UserError(f"{at}: 'merge' must follow a qlora or lora stage")
+            trains_adapters = False
+            continue
+        if stage.method not in config.methods:
+            raise UserError(f"{at}.method: unknown method '{stage.method}' (configure it under methods:)")
+        kind = config.methods[stage.method].kind
+        if kind == "hybrid":
+            raise UserError(f"{at}.method: a hybrid stage cannot itself be a hybrid ('{stage.method}')")
+        if trains_adapters:
+            raise UserError(f"{at}: add a 'merge' stage after the adapter stage before '{stage.method}'")
+        if i > 0 and kind == "qlora":
+            raise UserError(f"{at}: qlora re-quantises the model, so it can only be the first stage")
+        trains_adapters = kind in ("qlora", "lora")
+    if trains_adapters:
+        raise UserError(f"{where}.stages: end with 'merge' or a full-weight stage so the result is one model")
+
+
+def _validate_evaluate(config: StudyConfig) -> None:
+    ev = config.evaluate
+    if ev.max_new_tokens < 1 or ev.batch_size < 1:
+        raise UserError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1")
+    if ev.limit is not None and ev.limit < 1:
+        raise UserError(f"evaluate.limit must be at least 1 (or null for all rows), got {ev.limit}")
+    known = {"base", *config.methods}
+    if ev.ensemble.members:
+        for member in ev.ensemble.members:
+            if member not in known:
+                raise UserError(f"evaluate.ensemble.members: unknown model '{member}'")
+        if len(ev.ensemble.members) != 2:
+            raise UserError("evaluate.ensemble.members: name exactly two models")
+        if not ev.ensemble.alphas or any(not 0 <= a <= 1 for a in ev.ensemble.alphas):
+            raise UserError("evaluate.ensemble.alphas: a non-empty list of values in [0, 1]")
+        if config.prepare.validation_per_source < 1:
+            raise UserError("evaluate.ensemble needs prepare.validation_per_source >= 1 to choose alpha")
+        known.add("ensemble")
+    for model in ev.models:
+        if model not in known:
+            raise UserError(f"evaluate.models: unknown model '{model}' (known: {', '.join(sorted(known))})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def config_to_dict(config: StudyConfig) -> dict[str, Any]:
+    raw = dataclasses.asdict(config)
+    raw.pop("source_file", None)
+    return raw
+
+
+def dump_config(config: StudyConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def evaluated_models(config: StudyConfig) -> list[str]:
+    if config.evaluate.models:
+        return list(config.evaluate.models)
+    models = ["base", *config.methods]
+    if config.evaluate.ensemble.members:
+        models.append("ensemble")
+    return models
+
+
+def expand_path(path: str) -> str:
+    return os.path.expandvars(os.path.expanduser(path))

@@ -1,0 +1,103 @@
+"""Greedy generation for evaluation, done right.
+
+- The prompt is the whole conversation before the **last** assistant turn (multi-turn context kept),
+  rendered in the Gemma format ending with `<start_of_turn>model\\n`; the reference is that turn.
+- Batches are length-sorted and left-padded; decoding stops at `<end_of_turn>` or EOS.
+- The prediction is the decoded **generated token ids only**: the original study string-replaced the
+  prompt out of the decoded text, which never matched, so prompts leaked into predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from peftlab.data.chat import END, render_prompt
+
+
+@dataclass
+class EvalExample:
+    id: str
+    source_dataset: str
+    prompt: str
+    reference: str
+
+
+def examples_from_rows(rows: Sequence[dict[str, Any]]) -> list[EvalExample]:
+    return [
+        EvalExample(row["id"], row["source_dataset"], render_prompt(row["messages"]), row["messages"][-1]["content"])
+        for row in rows
+    ]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    end = tokenizer.convert_tokens_to_ids(END)
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.add(end)
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompts already hold `<bos>`: no special tokens are added."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return list(tokens[:index])
+    return list(tokens)
+
+
+BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
+                 device, desc: str = "generate") -> list[tuple[str, int]]:
+    """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; return (text, count) in order."""
+    encoded = encode_prompts(tokenizer, prompts)
+    stops = stop_token_ids(tokenizer)
+    results: list[tuple[str, int]] = [("", 0)] * len(prompts)
+    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+        new_tokens = decode_batch(ids, mask).tolist()
+        for row, index in enumerate(batch):
+            tokens = cut_at_stop(new_tokens[row], stops)
+            results[index] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens))
+    return results
+
+
+def hf_greedy(model, tokenizer, max_new_tokens: int) -> BatchDecoder:
+    """Plain `model.generate`, greedy; returns only the tokens after the prompt."""
+    stops = stop_token_ids(tokenizer)
+
+    @torch.inference_mode()
+    def decode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None,
+        )
+        return out[:, ids.shape[1]:]
+
+    return decode

@@ -1,0 +1,502 @@
+"""Generation metrics: BLEU-4, ROUGE-1/2/L, bootstrap confidence intervals and paired tests.
+
+The metric functions are pure functions of (predictions, references); nothing is cached between calls
+and nothing depends on global random state.
+
+Definitions (chosen to reproduce a study that scored with Hugging Face `evaluate`):
+
+* **BLEU-4** is *corpus-level* BLEU in [0, 1]: n-gram matches and hypothesis/reference lengths are summed
+  over all rows first, then ``BP * exp(mean_n log(p_n))`` with ``n = 1..4``, no smoothing, a score of 0.0
+  as soon as any order has zero matches (or zero candidate n-grams), and the brevity penalty
+  ``exp(1 - ref_len / hyp_len)`` when ``hyp_len < ref_len`` (0 when ``hyp_len == 0``). This is exactly
+  `evaluate.load("bleu")` with its defaults (tensorflow/nmt ``compute_bleu`` on ``tokenizer_13a``
+  tokens, ``max_order=4``, ``smooth=False``). It is computed offline with sacrebleu: text is tokenised
+  with sacrebleu's ``Tokenizer13a`` and then scored by
+  ``BLEU(lowercase=False, tokenize="none", force=True, smooth_method="none", max_ngram_order=4)``,
+  ``.score / 100`` (clamped to 1.0 against float round-off). Tokenising ourselves (instead of
+  ``tokenize="13a"``) matters: sacrebleu right-strips each segment *before* tokenising, HF `evaluate`
+  does not, and the two disagree on text that ends in ``"-\\n"`` (13a deletes a hyphen followed by a
+  newline). Lower-casing is off in both. Agreement with HF is to float round-off (<= 1e-15).
+* **ROUGE-1 / ROUGE-2 / ROUGE-L** are the *mean over rows* of the per-row F-measure of
+  ``rouge_score.rouge_scorer.RougeScorer([...], use_stemmer=False).score(reference, prediction)``
+  (target first), each in [0, 1]. We deliberately do not use rouge_score's ``BootstrapAggregator``
+  "mid" (which HF `evaluate` reports with ``use_aggregator=True``): that is itself a random bootstrap
+  estimate whose value depends on unseeded resampling, whereas the plain mean is deterministic and is
+  what the aggregator's "mid" estimates. Note that rouge_score's default tokenizer lower-cases and keeps
+  only ``[a-z0-9]`` runs, so non-ASCII letters are dropped (as in HF `evaluate`).
+* Empty prediction strings are valid and score 0 (ROUGE) / contribute zero length (BLEU).
+
+Per-row results live in `RowScores`: the three ROUGE F-measures and, for BLEU, the per-row sufficient
+statistics (hypothesis length, reference length, matches and totals for n = 1..4). Corpus BLEU of any
+subset or bootstrap resample is computed exactly from summed statistics, without re-tokenising.
+
+Confidence intervals are 95% percentile bootstrap intervals: rows are resampled with replacement
+(``numpy.random.default_rng(seed)``), BLEU-4 is recomputed from the resample's summed statistics and
+ROUGE-L as the resample mean. `paired_bootstrap` compares two systems on the same rows with the same
+resampled indices for both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from peftlab.errors import UserError
+
+BLEU_MAX_ORDER = 4
+"""Maximum n-gram order of BLEU-4."""
+
+BLEU_STATS_COLUMNS = (
+    "hyp_len",
+    "ref_len",
+    *(f"matches_{n}" for n in range(1, 5)),
+    *(f"totals_{n}" for n in range(1, 5)),
+)
+"""Column order of `RowScores.bleu_stats` (the layout sacrebleu uses for its segment statistics)."""
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+Metric = Literal["bleu4", "rougeL"]
+
+_TOKENIZER_13A = Tokenizer13a()
+_BOOTSTRAP_CHUNK_CELLS = 4_000_000  # resamples x rows drawn per chunk (bounds peak memory to ~130 MB)
+_JSON_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+# --------------------------------------------------------------------------------------- per-row scores
+
+
+@dataclass(frozen=True, eq=False)
+class RowScores:
+    """Per-row metric values for one system, aligned with its input rows.
+
+    `rouge1`, `rouge2`, `rougeL` are float arrays of F-measures, shape ``(n,)``. `bleu_stats` is an
+    int64 array of shape ``(n, 10)`` with columns `BLEU_STATS_COLUMNS`: hypothesis length, reference
+    length, clipped n-gram matches for n = 1..4 and candidate n-gram totals for n = 1..4.
+    """
+
+    rouge1: np.ndarray
+    rouge2: np.ndarray
+    rougeL: np.ndarray
+    bleu_stats: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.bleu_stats)
+        if self.bleu_stats.shape != (n, len(BLEU_STATS_COLUMNS)):
+            raise ValueError(
+                f"bleu_stats must have shape (n, {len(BLEU_STATS_COLUMNS)}), got {self.bleu_stats.shape}"
+            )
+        for name in ROUGE_TYPES:
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
+
+    def __len__(self) -> int:
+        return len(self.bleu_stats)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> RowScores:
+        """The rows at `indices` (in that order; repeats allowed)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return RowScores(
+            rouge1=self.rouge1[idx],
+            rouge2=self.rouge2[idx],
+            rougeL=self.rougeL[idx],
+            bleu_stats=self.bleu_stats[idx],
+        )
+
+    @property
+    def hyp_len(self) -> np.ndarray:
+        """Tokens per prediction, shape ``(n,)``."""
+        return self.bleu_stats[:, 0]
+
+    @property
+    def ref_len(self) -> np.ndarray:
+        """Tokens per reference, shape ``(n,)``."""
+        return self.bleu_stats[:, 1]
+
+    @property
+    def matches(self) -> np.ndarray:
+        """Clipped n-gram matches, shape ``(n, 4)``; column k is order k + 1."""
+        return self.bleu_stats[:, 2 : 2 + BLEU_MAX_ORDER]
+
+    @property
+    def totals(self) -> np.ndarray:
+        """Candidate n-grams in the prediction, shape ``(n, 4)``; column k is order k + 1."""
+        return self.bleu_stats[:, 2 + BLEU_MAX_ORDER :]
+
+
+def score_rows(predictions: Sequence[str], references: Sequence[str]) -> RowScores:
+    """Score each (prediction, reference) pair: ROUGE-1/2/L F-measures and BLEU statistics."""
+    _check_pairs(predictions, references)
+    rouge = _rouge_rows(predictions, references)
+    return RowScores(
+        rouge1=rouge[:, 0],
+        rouge2=rouge[:, 1],
+        rougeL=rouge[:, 2],
+        bleu_stats=_bleu_row_stats(predictions, references),
+    )
+
+
+def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    for kind, texts in (("prediction", predictions), ("reference", references)):
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"{kind} {i} is {type(text).__name__}, expected str")
+
+
+def _rouge_rows(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """ROUGE-1/2/L F-measures per row, shape ``(n, 3)``."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+    out = np.zeros((len(predictions), len(ROUGE_TYPES)), dtype=np.float64)
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        out[i] = [scores[name].fmeasure for name in ROUGE_TYPES]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ BLEU
+
+
+def tokenize_13a(text: str) -> str:
+    """mteval-v13a tokenisation as HF `evaluate`'s bleu applies it (no right-strip, no lower-casing)."""
+    return _TOKENIZER_13A(text)
+
+
+def _sacrebleu(*, effective_order: bool = False) -> BLEU:
+    """sacrebleu BLEU on already 13a-tokenised text; see the module docstring for why."""
+    return BLEU(
+        lowercase=False,
+        tokenize="none",
+        force=True,
+        smooth_method="none",
+        max_ngram_order=BLEU_MAX_ORDER,
+        effective_order=effective_order,
+    )
+
+
+def _bleu_row_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Per-row BLEU sufficient statistics, shape ``(n, 10)`` (see `BLEU_STATS_COLUMNS`).
+
+    `effective_order` only changes sacrebleu's sentence *score*, not its statistics; it is on so that
+    `sentence_score` does not log a warning per row.
+    """
+    metric = _sacrebleu(effective_order=True)
+    stats = np.zeros((len(predictions), len(BLEU_STATS_COLUMNS)), dtype=np.int64)
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
+        s = metric.sentence_score(tokenize_13a(pred), [tokenize_13a(ref)])
+        stats[i] = [s.sys_len, s.ref_len, *s.counts, *s.totals]
+    return stats
+
+
+def bleu4(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 in [0, 1] (HF `evaluate` "bleu" with default arguments)."""
+    _check_pairs(predictions, references)
+    if not predictions:
+        raise ValueError("BLEU of an empty corpus is undefined")
+    hyps = [tokenize_13a(p) for p in predictions]
+    refs = [tokenize_13a(r) for r in references]
+    return _unit(_sacrebleu().corpus_score(hyps, [refs]).score)
+
+
+def bleu_from_stats(stats: Sequence[int] | np.ndarray) -> float:
+    """Corpus BLEU-4 in [0, 1] from summed statistics (one row laid out as `BLEU_STATS_COLUMNS`)."""
+    s = [int(x) for x in np.asarray(stats).reshape(-1)]
+    k = BLEU_MAX_ORDER
+    score = BLEU.compute_bleu(
+        correct=s[2 : 2 + k],
+        total=s[2 + k : 2 + 2 * k],
+        sys_len=s[0],
+        ref_len=s[1],
+        smooth_method="none",
+        max_ngram_order=k,
+    )
+    return _unit(score.score)
+
+
+def _unit(sacrebleu_score: float) -> float:
+    """sacrebleu's 0-100 score as a fraction, clamped to 1.0 (a perfect match gives 100.00000000000004)."""
+    return min(1.0, sacrebleu_score / 100.0)
+
+
+def bleu_from_stats_batch(sums: np.ndarray) -> np.ndarray:
+    """Vectorised `bleu_from_stats` over rows of summed statistics, shape ``(b, 10)`` -> ``(b,)``."""
+    sums = np.asarray(sums, dtype=np.float64)
+    k = BLEU_MAX_ORDER
+    hyp, ref = sums[:, 0], sums[:, 1]
+    matches, totals = sums[:, 2 : 2 + k], sums[:, 2 + k : 2 + 2 * k]
+    ok = np.all(matches > 0, axis=1)  # matches <= totals, so this also guarantees totals > 0
+    safe_p = np.where(ok[:, None], matches / np.maximum(totals, 1.0), 1.0)
+    geo_mean = np.exp(np.log(safe_p).mean(axis=1))
+    bp = np.where(hyp < ref, np.exp(1.0 - ref / np.maximum(hyp, 1.0)), 1.0)
+    return np.where(ok, bp * geo_mean, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- ROUGE
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean per-row ROUGE-L F-measure in [0, 1]."""
+    _check_pairs(predictions, references)
+    if not predictions:
+        raise ValueError("ROUGE-L of an empty corpus is undefined")
+    return float(_rouge_rows(predictions, references)[:, 2].mean())
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 1:
+        raise ValueError(f"bootstrap samples must be >= 1, got {samples}")
+
+
+def _bootstrap_sums(columns: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """Column sums of `samples` resamples (rows drawn with replacement), shape ``(samples, k)``.
+
+    Each resample is turned into per-row counts (bincount), so the sums are one matrix product.
+    """
+    n = len(columns)
+    rng = np.random.default_rng(seed)
+    values = np.asarray(columns, dtype=np.float64)
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
+    out = []
+    for start in range(0, samples, chunk):
+        b = min(chunk, samples - start)
+        idx = rng.integers(0, n, size=(b, n))
+        flat = (idx + (np.arange(b, dtype=np.int64) * n)[:, None]).ravel()
+        weights = np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+        out.append(weights @ values)
+    return np.concatenate(out, axis=0)
+
+
+def _metric_columns(
+    scores: RowScores, metric: Metric
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The per-row columns a metric sums and the function from column sums to metric values."""
+    n = len(scores)
+    if metric == "bleu4":
+        return scores.bleu_stats, bleu_from_stats_batch
+    if metric == "rougeL":
+        return scores.rougeL[:, None], lambda sums: sums[:, 0] / n
+    raise ValueError(f"unknown metric {metric!r}; expected 'bleu4' or 'rougeL'")
+
+
+def _point(scores: RowScores, metric: Metric) -> float:
+    if metric == "bleu4":
+        return bleu_from_stats(scores.bleu_stats.sum(axis=0))
+    return float(scores.rougeL.mean())
+
+
+def _percentile_ci(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def summarize(scores: RowScores, *, bootstrap_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Point estimates and 95% percentile-bootstrap CIs for BLEU-4 and ROUGE-L.
+
+    Returns ``{"n", "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2"}``; both CIs use
+    the same resamples. Deterministic for a given (rows, `bootstrap_samples`, `seed`).
+    """
+    if len(scores) == 0:
+        raise ValueError("cannot summarize zero rows")
+    _check_samples(bootstrap_samples)
+    bleu_cols, bleu_fn = _metric_columns(scores, "bleu4")
+    rouge_cols, rouge_fn = _metric_columns(scores, "rougeL")
+    sums = _bootstrap_sums(np.hstack([bleu_cols, rouge_cols]), bootstrap_samples, seed)
+    width = bleu_cols.shape[1]
+    return {
+        "n": len(scores),
+        "bleu4": _point(scores, "bleu4"),
+        "bleu4_ci": _percentile_ci(bleu_fn(sums[:, :width])),
+        "rougeL": _point(scores, "rougeL"),
+        "rougeL_ci": _percentile_ci(rouge_fn(sums[:, width:])),
+        "rouge1": float(scores.rouge1.mean()),
+        "rouge2": float(scores.rouge2.mean()),
+    }
+
+
+def paired_bootstrap(
+    a: RowScores, b: RowScores, metric: Metric, *, samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired bootstrap comparison of systems `a` and `b` scored on the same rows in the same order.
+
+    Each resample draws one set of row indices (with replacement) and recomputes the metric for both
+    systems on it (corpus BLEU-4 from summed statistics, or mean ROUGE-L), giving resampled
+    differences ``d* = metric(a*) - metric(b*)``.
+
+    The p-value is the two-sided percentile-bootstrap p-value with the usual add-one correction
+    (Davison & Hinkley 1997)::
+
+        p = min(1, 2 * min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (samples + 1))
+
+    i.e. (up to the add-one) the smallest alpha at which the (1 - alpha) percentile interval of the
+    difference excludes 0. It is 1 for identical systems, never exactly 0, and at least
+    ``2 / (samples + 1)``.
+
+    Returns ``{"metric", "a", "b", "diff", "p_value", "ci"}`` where `a`, `b` and `diff` (= a - b) are
+    the observed full-data values and `ci` is the 95% percentile interval of the difference.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired bootstrap needs the same rows: {len(a)} vs {len(b)} rows")
+    if len(a) == 0:
+        raise ValueError("cannot compare zero rows")
+    _check_samples(samples)
+    cols_a, fn = _metric_columns(a, metric)
+    cols_b, _ = _metric_columns(b, metric)
+    sums = _bootstrap_sums(np.hstack([cols_a, cols_b]), samples, seed)
+    width = cols_a.shape[1]
+    diffs = fn(sums[:, :width]) - fn(sums[:, width:])
+    at_or_below = int(np.count_nonzero(diffs <= 0)) + 1
+    at_or_above = int(np.count_nonzero(diffs >= 0)) + 1
+    value_a, value_b = _point(a, metric), _point(b, metric)
+    return {
+        "metric": metric,
+        "a": value_a,
+        "b": value_b,
+        "diff": value_a - value_b,
+        "p_value": min(1.0, 2.0 * min(at_or_below, at_or_above) / (samples + 1)),
+        "ci": _percentile_ci(diffs),
+    }
+
+
+# -------------------------------------------------------------------------------------------- tables
+
+
+def summarize_table(
+    scores: RowScores, sources: Sequence[str] | None = None, *, bootstrap_samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """`summarize` of all rows, plus ``"per_source": {source: summarize(rows of source)}``.
+
+    Sources are listed in sorted order; every block uses the same `seed`.
+    """
+    table = summarize(scores, bootstrap_samples=bootstrap_samples, seed=seed)
+    if sources is None:
+        return table
+    if len(sources) != len(scores):
+        raise ValueError(f"{len(sources)} source labels for {len(scores)} rows")
+    labels = np.asarray(sources, dtype=object)
+    table["per_source"] = {
+        source: summarize(
+            scores.subset(np.flatnonzero(labels == source)), bootstrap_samples=bootstrap_samples, seed=seed
+        )
+        for source in sorted(set(sources))
+    }
+    return table
+
+
+def score_table(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    sources: Sequence[str] | None = None,
+    *,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score rows and summarise them overall and (when `sources` is given) per source label."""
+    if not predictions:
+        raise ValueError("cannot score zero rows")
+    return summarize_table(
+        score_rows(predictions, references), sources, bootstrap_samples=bootstrap_samples, seed=seed
+    )
+
+
+# ------------------------------------------------------------------------------------------ JSONL input
+
+
+@dataclass(frozen=True)
+class PredictionRows:
+    """Rows read from a predictions JSONL file; `sources` is None when no row has ``source_dataset``."""
+
+    predictions: list[str]
+    references: list[str]
+    sources: list[str] | None
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _parse_line(where: str, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
+    for key in ("prediction", "reference"):
+        if key not in row:
+            raise UserError(f"{where}: missing {key!r}")
+    for key in ("prediction", "reference", "source_dataset"):
+        if key in row and not isinstance(row[key], str):
+            raise UserError(f"{where}: {key!r} must be a string, got {_json_type(row[key])}")
+    return row
+
+
+def _read_lines(path: Path) -> list[bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+
+
+def load_predictions(path: Path | str) -> PredictionRows:
+    """Read a JSONL file of ``{"prediction", "reference"[, "source_dataset"]}`` rows.
+
+    Blank lines are skipped. Any problem raises `UserError` naming the file and the 1-based line.
+    ``source_dataset`` must be on every row or on none.
+    """
+    path = Path(path)
+    preds: list[str] = []
+    refs: list[str] = []
+    sources: list[str | None] = []
+    first_without_source = 0
+    for lineno, raw in enumerate(_read_lines(path), start=1):
+        where = f"{path} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{where}: not valid UTF-8 ({exc.reason})") from None
+        if not line.strip():
+            continue
+        row = _parse_line(where, line)
+        preds.append(row["prediction"])
+        refs.append(row["reference"])
+        sources.append(row.get("source_dataset"))
+        if sources[-1] is None and not first_without_source:
+            first_without_source = lineno
+    if not preds:
+        raise UserError(f"{path}: no rows (the file is empty)")
+    if all(s is None for s in sources):
+        return PredictionRows(preds, refs, None)
+    if first_without_source:
+        raise UserError(f"{path} line {first_without_source}: missing 'source_dataset' (other rows have it)")
+    return PredictionRows(preds, refs, [s for s in sources if s is not None])
+
+
+def score_file(path: Path | str, *, bootstrap_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """`score_table` of a predictions JSONL file (per source when rows carry ``source_dataset``)."""
+    rows = load_predictions(path)
+    return score_table(
+        rows.predictions, rows.references, rows.sources, bootstrap_samples=bootstrap_samples, seed=seed
+    )

@@ -1,0 +1,131 @@
+"""Evaluate one model (`base`, a trained method, or `ensemble`) on the test split.
+
+Writes `eval/<name>/predictions.jsonl` (id, source_dataset, prompt, reference, prediction,
+generated token count) and `metrics.json` (scores with bootstrap CIs, per source, generation
+speed; for the ensemble the chosen alpha and its validation scores) into an atomic folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.config import StudyConfig
+from peftlab.data.prepare import read_split
+from peftlab.errors import UserError
+from peftlab.evaluate.ensemble import mixed_greedy
+from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
+from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
+from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
+from peftlab.rundir import atomic_dir, read_json, write_json
+
+
+def load_eval_model(config: StudyConfig, run_dir: Path, name: str, device: str):
+    """The model as it was trained: base; base (+ 4-bit for qlora) + adapters; or full weights."""
+    dtype = resolve_dtype(config.model, device)
+    if name == "base":
+        model = load_model(config.model, device=device, dtype=dtype)
+    else:
+        train_dir = run_dir / "train" / name
+        if not (train_dir / "metrics.json").exists():
+            raise UserError(f"{train_dir}: not trained yet; run `peftlab train --method {name}` first")
+        metrics = read_json(train_dir / "metrics.json")
+        if metrics["saves"] == "adapter":
+            model = _adapter_model(config, name, train_dir / "final", device, dtype)
+        else:
+            model = load_model(config.model, device=device, dtype=dtype, source=str(train_dir / "final"))
+    model.eval()
+    return model
+
+
+def _adapter_model(config: StudyConfig, name: str, adapter_dir: Path, device: str, dtype):
+    from peft import PeftModel
+
+    method = config.method(name)
+    quantization = None
+    if method.kind == "qlora":
+        from peftlab.methods import BuildContext
+        from peftlab.methods.qlora import quantization_config
+
+        quantization, _ = quantization_config(BuildContext(config.model, method, device, dtype))
+    base = load_model(config.model, device=device, dtype=dtype, quantization_config=quantization, seed=method.seed)
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def _limited(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    return rows[:limit] if limit is not None else rows
+
+
+def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str):
+    device = device_name()
+    started = time.perf_counter()
+    outputs = generate_all(decode, tokenizer, [e.prompt for e in examples], config.evaluate.batch_size,
+                           device, desc=desc)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    tokens = sum(count for _, count in outputs)
+    speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
+             "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size}
+    return outputs, speed
+
+
+def _score(config, examples, outputs) -> dict[str, Any]:
+    return score_table([text for text, _ in outputs], [e.reference for e in examples],
+                       [e.source_dataset for e in examples], bootstrap_samples=config.evaluate.bootstrap_samples)
+
+
+def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[str, Any]:
+    """Pick the ensemble weight on the validation split (carved from the train buffer, never test)."""
+    ensemble = config.evaluate.ensemble
+    examples = examples_from_rows(_limited(read_split(run_dir, "validation"), ensemble.validation_limit))
+    stops = stop_token_ids(tokenizer)
+    trials = []
+    for alpha in ensemble.alphas:
+        decode = mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id,
+                              config.evaluate.max_new_tokens)
+        outputs, _ = _generate(config, decode, tokenizer, examples, f"alpha={alpha:g}")
+        predictions, references = [t for t, _ in outputs], [e.reference for e in examples]
+        trials.append({"alpha": alpha, "bleu4": bleu4(predictions, references),
+                       "rougeL": rouge_l(predictions, references)})
+    best = max(trials, key=lambda t: t[ensemble.select_by])  # first of equals: the order of `alphas`
+    return {"members": list(ensemble.members), "alpha": best["alpha"], "mode": "logprob",
+            "select_by": ensemble.select_by, "validation_rows": len(examples), "validation": trials}
+
+
+def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int | None = None) -> dict[str, Any]:
+    limit = limit if limit is not None else config.evaluate.limit
+    examples = examples_from_rows(_limited(read_split(run_dir, "test"), limit))
+    device = device_name()
+    tokenizer = load_tokenizer(config.model)
+    tokenizer.padding_side = "left"
+    extra: dict[str, Any] = {}
+    if name == "ensemble":
+        members = config.evaluate.ensemble.members
+        if not members:
+            raise UserError("evaluate.ensemble.members is empty: configure two models to ensemble")
+        models = [load_eval_model(config, run_dir, member, device) for member in members]
+        extra["ensemble"] = choose_alpha(config, run_dir, models, tokenizer)
+        alpha = extra["ensemble"]["alpha"]
+        decode = mixed_greedy(models, [alpha, 1 - alpha], stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                              config.evaluate.max_new_tokens)
+    else:
+        model = load_eval_model(config, run_dir, name, device)
+        decode = hf_greedy(model, tokenizer, config.evaluate.max_new_tokens)
+    outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
+    metrics = {"model": name, "limit": limit, **_score(config, examples, outputs), "generation": speed, **extra}
+    with atomic_dir(run_dir / "eval" / name) as out:
+        with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            for example, (text, count) in zip(examples, outputs, strict=True):
+                handle.write(json.dumps({
+                    "id": example.id, "source_dataset": example.source_dataset, "prompt": example.prompt,
+                    "reference": example.reference, "prediction": text, "generated_tokens": count,
+                }, ensure_ascii=False) + "\n")
+        write_json(out / "metrics.json", metrics)
+    return metrics

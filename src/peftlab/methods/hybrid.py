@@ -1,0 +1,128 @@
+"""The sequential hybrid (report section 9): a list of stages whose outputs feed the next.
+
+The study's hybrid is `qlora` (2 epochs) -> `merge` -> `galore` (1 epoch). `merge` folds the
+adapters into the **bf16 base weights** loaded fresh from the original checkpoint (never into the
+NF4 weights, which would bake the quantisation error into the result) and saves a full model that
+the next stage loads. Each stage keeps its own time and peak memory; a finished stage is not re-run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.config import StudyConfig
+from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
+from peftlab.rundir import atomic_dir, read_json, write_json
+from peftlab.train.meter import measure
+
+
+def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
+    """Load the unquantised base in the training dtype, apply the adapters, merge, save full weights."""
+    from peft import PeftModel
+
+    device = device_name()
+    dtype = resolve_dtype(config.model, device)
+    with measure() as meter:
+        base = load_model(config.model, device=device, dtype=dtype, source=base_source)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        with atomic_dir(out / "final") as final:
+            merged.save_pretrained(final, safe_serialization=True)
+            load_tokenizer(config.model).save_pretrained(final)
+    metrics = {
+        "kind": "merge",
+        "dtype": str(dtype).removeprefix("torch."),
+        "merge_time_s": meter.seconds,
+        "peak_gpu_alloc_gib": meter.peak_gpu_alloc_gib,
+        "peak_gpu_reserved_gib": meter.peak_gpu_reserved_gib,
+        "peak_rss_gib": meter.peak_rss_gib,
+    }
+    write_json(out / "metrics.json", metrics)
+    del base, merged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool = False) -> dict[str, Any]:
+    from peftlab.train.runner import stage_method, train_method
+
+    hybrid = config.method(name)
+    out = run_dir / "train" / name
+    started = time.perf_counter()
+    source: str | None = None  # None = the model that `model:` names
+    adapters: Path | None = None
+    adapter_base: str | None = None
+    stages: list[dict[str, Any]] = []
+    for index, stage in enumerate(hybrid.stages):
+        stage_out = out / "stages" / f"{index}-{stage.method}"
+        done = (stage_out / "metrics.json").exists() and (stage_out / "final").exists()
+        if stage.method == "merge":
+            assert adapters is not None  # validated in config
+            metrics = read_json(stage_out / "metrics.json") if done else merge_adapters(
+                config, adapters, stage_out, adapter_base)
+            source, adapters = str(stage_out / "final"), None
+        else:
+            method = stage_method(config, stage.method, stage.epochs, stage.max_steps)
+            has_checkpoint = any((stage_out / "checkpoints").glob("checkpoint-*"))
+            metrics = read_json(stage_out / "metrics.json") if done else train_method(
+                config, run_dir, f"{name}/{stage.method}", method=method, out=stage_out, source=source,
+                resume=resume and has_checkpoint)
+            if method.kind in ("qlora", "lora"):
+                adapters, adapter_base = stage_out / "final", source
+            else:
+                source = str(stage_out / "final")
+        stages.append({"stage": index, "method": stage.method, **metrics})
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    assert source is not None  # validated: the stages end on a full model
+    shutil.move(source, final)
+    metrics = summarize_stages(name, stages, time.perf_counter() - started)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    trained = [s for s in stages if s.get("kind") != "merge"]
+
+    def peak(key: str) -> float | None:
+        values = [s[key] for s in stages if s.get(key) is not None]
+        return max(values) if values else None
+
+    train_time = sum(s["train_time_s"] for s in trained)
+    tokens = sum(s["tokens_trained"] for s in trained)
+    curve, offset = [], 0
+    for s in trained:
+        curve += [{"step": p["step"] + offset, "loss": p["loss"], "stage": s["method"]} for p in s["loss_curve"]]
+        offset += s["optimizer_steps"]
+    last = trained[-1]
+    return {
+        "method": name,
+        "kind": "hybrid",
+        "saves": "full",
+        "device": last["device"],
+        "gpu_name": last.get("gpu_name"),
+        "dtype": last["dtype"],
+        "peak_gpu_alloc_gib": peak("peak_gpu_alloc_gib"),
+        "peak_gpu_reserved_gib": peak("peak_gpu_reserved_gib"),
+        "peak_rss_gib": peak("peak_rss_gib"),
+        "model_load_s": sum(s.get("model_load_s", 0.0) for s in trained),
+        "data_load_s": sum(s.get("data_load_s", 0.0) for s in trained),
+        "merge_time_s": sum(s.get("merge_time_s", 0.0) for s in stages),
+        "train_time_s": train_time,
+        "wall_time_s": wall_s,
+        "tokens_trained": tokens,
+        "tokens_per_s": tokens / train_time if train_time > 0 else None,
+        "optimizer_steps": sum(s["optimizer_steps"] for s in trained),
+        "trainable_params": max(s["trainable_params"] for s in trained),
+        "total_params": last["total_params"],
+        "final_loss": last["final_loss"],
+        "loss_curve": curve,
+        "stages": [{k: v for k, v in s.items() if k not in ("loss_curve", "versions", "method_config")} for s in stages],
+        "versions": last.get("versions"),
+    }

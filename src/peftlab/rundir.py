@@ -1,0 +1,129 @@
+"""The run directory: its layout, atomic writes, and the provenance files (resolved config, env.json).
+
+Every stage writes into a temporary sibling and renames it into place when complete, so a folder
+that exists under its final name is always whole. A stage is "done" when its folder exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import StudyConfig, dump_config
+
+TRACKED_PACKAGES = (
+    "peftlab", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch", "trl",
+    "datasets", "tokenizers", "safetensors", "sacrebleu", "rouge-score", "numpy", "liger-kernel", "gguf",
+)
+
+
+def default_run_dir(config: StudyConfig) -> Path:
+    return Path("runs") / config.name
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `final` only if the block completes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temp, final)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+            info["cuda"] = torch.version.cuda
+        else:
+            info["gpu"] = None
+    except ImportError:
+        info["gpu"] = None
+    return info
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, str] | None = None) -> None:
+    """config.resolved.yaml and env.json at the top of the run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.resolved.yaml", dump_config(config))
+    env_path = run_dir / "env.json"
+    env = read_json(env_path) if env_path.exists() else {}
+    env.update({
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config_file": config.source_file,
+    })
+    if data_hashes is not None:
+        env["data_hashes"] = data_hashes
+    write_json(env_path, env)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,257 @@
+"""Train one method: build its recipe, run the shared loop under the resource meter, save, account.
+
+Writes `train/<method>/`: `checkpoints/` (for --resume), `final/` (adapters or full weights, HF
+format, safetensors), `loss.csv`, and `metrics.json` last, which marks the method as done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peftlab.config import MethodConfig, StudyConfig
+from peftlab.data.prepare import read_split, tokenizer_fingerprint
+from peftlab.errors import UserError
+from peftlab.methods import BuildContext, Recipe, build
+from peftlab.models import count_parameters, device_name, load_tokenizer, resolve_dtype
+from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
+from peftlab.train.batches import PadCollator, TokenizedRows
+from peftlab.train.meter import measure
+
+
+class TargetTokenTrainer(Trainer):
+    """`Trainer` whose loss computes vocabulary logits only at positions that have a target.
+
+    The vocabulary is 262,144 for Gemma 3: logits for every position of every row dominate memory
+    and time, while the loss needs them only where labels are set (assistant tokens by default).
+    The value equals the usual token-mean cross-entropy over the accumulated batch.
+    """
+
+    tokens_seen: torch.Tensor | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        causal_lm = _unwrap(model)
+        hidden = causal_lm.get_decoder()(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        seen = inputs["attention_mask"].sum()
+        self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
+        loss = loss / count
+        return (loss, None) if return_outputs else loss
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after a given optimizer step (used to test interrupt + resume)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def allow_galore_checkpoints() -> None:
+    """GaLore's optimizer state holds projector objects; allow exactly that class in weights-only loads."""
+    try:
+        from galore_torch.galore_projector import GaLoreProjector
+    except ImportError:
+        return
+    torch.serialization.add_safe_globals([GaLoreProjector])
+
+
+def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe) -> TrainingArguments:
+    extra: dict[str, Any] = {}
+    if "optim_args" in recipe.notes:
+        extra["optim_args"] = recipe.notes["optim_args"]
+        extra["optim_target_modules"] = recipe.notes["optim_target_modules"]
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=method.batch_size,
+        gradient_accumulation_steps=method.grad_accum,
+        learning_rate=method.lr,
+        weight_decay=method.weight_decay,
+        warmup_steps=method.warmup_steps,
+        lr_scheduler_type=method.scheduler,
+        max_grad_norm=method.max_grad_norm,
+        num_train_epochs=method.epochs,
+        max_steps=method.max_steps,
+        logging_steps=method.logging_steps,
+        save_steps=method.save_steps,
+        save_total_limit=method.save_total_limit,
+        save_only_model=False,
+        seed=method.seed,
+        data_seed=method.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        gradient_checkpointing=method.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=recipe.optim if recipe.optimizer is None else "adamw_torch",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def train_method(
+    config: StudyConfig,
+    run_dir: Path,
+    name: str,
+    *,
+    resume: bool = False,
+    method: MethodConfig | None = None,
+    out: Path | None = None,
+    source: str | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train `name` (or an explicit `method` config, for hybrid stages) and return its metrics."""
+    method = method or config.method(name)
+    if method.kind == "hybrid":
+        from peftlab.methods.hybrid import train_hybrid
+
+        return train_hybrid(config, run_dir, name, resume=resume)
+    out = out or run_dir / "train" / name
+    checkpoint = _prepare_output(out, resume)
+    device = device_name()
+    dtype = resolve_dtype(config.model, device)
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.model)
+    rows = read_split(run_dir, "train")
+    _check_tokenizer(run_dir, tokenizer)
+    dataset = TokenizedRows(rows, method.loss_on)
+    data_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    torch.manual_seed(method.seed)
+    recipe = build(method.kind)(BuildContext(config.model, method, device, dtype, source))
+    load_seconds = time.perf_counter() - started
+    trainable, total = count_parameters(recipe.model)
+
+    allow_galore_checkpoints()
+    args = training_arguments(method, out, device, dtype, recipe)
+    trainer = TargetTokenTrainer(
+        model=recipe.model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        optimizers=(recipe.optimizer, None),
+        callbacks=[StopAfter(stop_after)] if stop_after else None,
+    )
+    with measure() as loop:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop_after and trainer.state.global_step < trainer.state.max_steps:
+        raise KeyboardInterrupt  # simulated interruption: checkpoints are kept, nothing is final
+
+    tokens = int(trainer.tokens_seen.item()) if trainer.tokens_seen is not None else 0
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    _write_loss_csv(out / "loss.csv", losses)
+    with atomic_dir(out / "final") as final:
+        recipe.model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    metrics = {
+        "method": name,
+        "kind": method.kind,
+        "saves": recipe.saves,
+        "device": device,
+        "gpu_name": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "optimizer": recipe.optim,
+        "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
+        "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
+        "peak_rss_gib": loop.peak_rss_gib,
+        "model_load_s": load_seconds,
+        "data_load_s": data_seconds,
+        "train_time_s": loop.seconds,
+        "tokens_trained": tokens,
+        "tokens_per_s": tokens / loop.seconds if loop.seconds > 0 else None,
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "trainable_params": trainable,
+        "total_params": total,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "train_loss_mean": result.training_loss,
+        "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in losses],
+        "rows": len(dataset),
+        "method_config": asdict(method),
+        "notes": recipe.notes,
+        "versions": package_versions(),
+    }
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _prepare_output(out: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from, or None after clearing a previous attempt."""
+    checkpoints = out / "checkpoints"
+    if resume:
+        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not found:
+            raise UserError(f"--resume: no checkpoint under {checkpoints}; run without --resume to start")
+        (out / "metrics.json").unlink(missing_ok=True)
+        return str(found[-1])
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return None
+
+
+def _check_tokenizer(run_dir: Path, tokenizer) -> None:
+    stats = read_json(run_dir / "data" / "stats.json")
+    if stats.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"{run_dir / 'data'}: prepared with another tokenizer than model.name_or_path / model.tokenizer;"
+            " re-run `peftlab prepare`"
+        )
+
+
+def _write_loss_csv(path: Path, entries: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "epoch", "loss", "learning_rate", "grad_norm"])
+        for entry in entries:
+            writer.writerow([entry.get("step"), entry.get("epoch"), entry.get("loss"),
+                             entry.get("learning_rate"), entry.get("grad_norm")])
+
+
+def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | None, max_steps: int | None) -> MethodConfig:
+    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps."""
+    base = config.method(stage_method_name)
+    changes: dict[str, Any] = {}
+    if epochs is not None:
+        changes["epochs"] = epochs
+    if max_steps is not None:
+        changes["max_steps"] = max_steps
+    return replace(base, **changes)
+
+
+def load_metrics(run_dir: Path, name: str) -> dict[str, Any] | None:
+    path = run_dir / "train" / name / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,112 @@
+"""The study config: every shipped YAML loads; typos, wrong types and bad values name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftlab.config import BUILTIN_CONFIG_DIR, apply_override, config_from_dict, load_config
+from peftlab.errors import UserError
+
+SHIPPED = sorted(BUILTIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_there():
+    assert {p.stem for p in SHIPPED} >= {"seed", "samples", "demo", "smoke"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_yaml_loads(path: Path):
+    config = load_config(str(path))
+    assert config.data.sources and config.methods
+    assert config.name == path.stem
+
+
+def test_seed_config_is_the_study():
+    config = load_config("seed")
+    data = config.data
+    assert (data.seed, data.train_per_source, data.test_per_source) == (42, 5000, 2000)
+    assert (data.train_buffer, data.test_buffer, data.max_seq_length) == (5200, 2100, 2048)
+    assert [s.path for s in data.sources] == [
+        "tatsu-lab/alpaca", "allenai/tulu-v2-sft-mixture", "HuggingFaceH4/ultrachat_200k"]
+    assert config.model.name_or_path == "google/gemma-3-1b-it"
+    qlora, galore = config.method("qlora"), config.method("galore")
+    assert (qlora.lr, qlora.max_grad_norm, qlora.optimizer, qlora.epochs) == (2e-4, 0.3, "paged_adamw_8bit", 3)
+    assert (qlora.lora.r, qlora.lora.alpha, qlora.lora.dropout) == (16, 32, 0.05)
+    assert qlora.quant.compute_dtype == "float16" and qlora.quant.double_quant
+    assert (galore.lr, galore.max_grad_norm, galore.galore.rank, galore.galore.update_proj_gap) == (1e-4, 1.0, 128, 200)
+    assert galore.galore.targets == ["attn", "mlp"] and galore.galore.scale == 0.25
+    for method in (qlora, galore):
+        assert (method.batch_size, method.grad_accum, method.warmup_steps, method.weight_decay) == (4, 4, 100, 0.01)
+        assert method.gradient_checkpointing and method.scheduler == "cosine" and method.seed == 42
+    stages = [(s.method, s.epochs) for s in config.method("hybrid").stages]
+    assert stages == [("qlora", 2), ("merge", None), ("galore", 1)]
+    assert config.evaluate.max_new_tokens == 1024 and config.evaluate.limit is None
+
+
+def test_set_overrides_any_key():
+    config = load_config("seed", ["data.seed=7", "methods.qlora.lora.r=8", "data.sources.0.path=x.jsonl"])
+    assert config.data.seed == 7
+    assert config.method("qlora").lora.r == 8
+    assert config.data.sources[0].path == "x.jsonl"
+
+
+def _raw(**changes):
+    raw = {
+        "data": {"sources": [{"name": "a", "format": "alpaca", "path": "a.json"}], "train_per_source": 2,
+                 "test_per_source": 1, "train_buffer": 2, "test_buffer": 1},
+        "methods": {"lora": {"kind": "lora"}},
+    }
+    for key, value in changes.items():
+        apply_override(raw, f"{key}={value}")
+    return raw
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"data.sed": "1"}, "unknown key 'data.sed' (did you mean 'seed'?)"),
+    ({"data.seed": "abc"}, "data.seed: expected an integer, got 'abc'"),
+    ({"data.max_seq_length": "0"}, "data.max_seq_length must be at least 1"),
+    ({"data.sources.0.format": "csv"}, "data.sources.0.format: 'csv' is not one of"),
+    ({"methods.lora.kind": "dora"}, "methods.lora.kind: 'dora' is not one of"),
+    ({"methods.lora.lr": "-1"}, "methods.lora.lr must be positive"),
+    ({"methods.lora.lora.rr": "4"}, "unknown key 'methods.lora.lora.rr' (did you mean 'r'?)"),
+    ({"data.train_buffer": "1"}, "data.train_buffer (1) must be at least"),
+    ({"evaluate.models": "[qlora]"}, "evaluate.models: unknown model 'qlora'"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError) as error:
+        config_from_dict(_raw(**override))
+    assert message in str(error.value)
+
+
+def test_hybrid_stages_are_validated():
+    raw = _raw()
+    raw["methods"]["hybrid"] = {"kind": "hybrid", "stages": [{"method": "lora"}, {"method": "lora"}]}
+    with pytest.raises(UserError, match="add a 'merge' stage"):
+        config_from_dict(raw)
+    raw["methods"]["hybrid"]["stages"] = [{"method": "lora"}]
+    with pytest.raises(UserError, match="end with 'merge'"):
+        config_from_dict(raw)
+    raw["methods"]["hybrid"]["stages"] = [{"method": "lora"}, {"method": "merge"}]
+    assert config_from_dict(raw).method("hybrid").stages[1].method == "merge"
+
+
+def test_shared_train_defaults_apply_to_methods_and_can_be_overridden():
+    raw = _raw()
+    raw["train"] = {"lr": 0.5, "batch_size": 3}
+    raw["methods"]["full"] = {"kind": "full", "lr": 0.1}
+    config = config_from_dict(raw)
+    assert (config.method("lora").lr, config.method("lora").batch_size) == (0.5, 3)
+    assert config.method("full").lr == 0.1
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(str(bad))
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_config("seed", ["data.seed"])
