@@ -47,3 +47,78 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
     say(f"{method}: {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f},"
         f" {metrics['train_time_s']:.1f} s, {metrics['tokens_per_s']:.0f} tokens/s, {memory}")
     return metrics
+
+
+def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int | None = None) -> dict:
+    from peftlab.config import evaluated_models
+    from peftlab.evaluate.runner import evaluate_model
+
+    known = {"base", *config.methods, *evaluated_models(config)}
+    if model not in known:
+        raise UserError(f"--model {model}: not base, a configured method or ensemble (known: {', '.join(sorted(known))})")
+    if not (run_dir / "data" / "test.jsonl").exists():
+        raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
+    metrics = evaluate_model(config, run_dir, model, limit=limit)
+    speed = metrics["generation"]
+    say(f"{model}: BLEU-4 {metrics['bleu4']:.4f} [{metrics['bleu4_ci'][0]:.4f}, {metrics['bleu4_ci'][1]:.4f}]"
+        f"  ROUGE-L {metrics['rougeL']:.4f} [{metrics['rougeL_ci'][0]:.4f}, {metrics['rougeL_ci'][1]:.4f}]"
+        f"  n={metrics['n']}  ({speed['tokens_per_s']:.0f} generated tokens/s)")
+    return metrics
+
+
+def run_report(run_dir: Path) -> None:
+    from peftlab.report import build_report
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    written = build_report(run_dir)
+    for path in written.values():
+        say(f"wrote {path}")
+
+
+def check_run_dir_config(config: StudyConfig, run_dir: Path) -> None:
+    """A run directory belongs to one config: refuse to mix stages of two different studies."""
+    from peftlab.config import dump_config
+
+    resolved = run_dir / "config.resolved.yaml"
+    if resolved.exists() and resolved.read_text(encoding="utf-8") != dump_config(config):
+        raise UserError(
+            f"{run_dir} holds a run of a different config ({resolved}); choose another --out or delete it"
+        )
+
+
+def run_study(config: StudyConfig, run_dir: Path) -> dict:
+    """prepare -> train every method -> evaluate every model -> results.json -> report; skips finished stages."""
+    from peftlab.config import evaluated_models
+    from peftlab.results import collect_results
+    from peftlab.rundir import write_provenance
+
+    check_run_dir_config(config, run_dir)
+    models = evaluated_models(config)
+    stages = ["prepare", *[f"train {m}" for m in config.methods], *[f"evaluate {m}" for m in models], "report"]
+    step = iter(range(1, len(stages) + 1))
+
+    def header(name: str, skipped: bool) -> None:
+        say(f"[{next(step)}/{len(stages)}] {name}{' (done, skipped)' if skipped else ''}")
+
+    done = (run_dir / "data" / "stats.json").exists()
+    header("prepare", done)
+    if not done:
+        run_prepare(config, run_dir)
+    write_provenance(run_dir, config)
+    for method in config.methods:
+        train_dir = run_dir / "train" / method
+        done = (train_dir / "metrics.json").exists()
+        header(f"train {method}", done)
+        if not done:
+            resume = any((train_dir / "checkpoints").glob("checkpoint-*")) or (train_dir / "stages").exists()
+            run_train(config, run_dir, method, resume=resume)
+    for model in models:
+        done = (run_dir / "eval" / model / "metrics.json").exists()
+        header(f"evaluate {model}", done)
+        if not done:
+            run_evaluate(config, run_dir, model)
+    header("report", False)
+    results = collect_results(config, run_dir)
+    run_report(run_dir)
+    return results

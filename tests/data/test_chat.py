@@ -47,4 +47,5 @@ def test_truncation_cuts_ids_and_mask_together(gemma_tokenizer):
     full = tokenize(render(CONVERSATION), gemma_tokenizer)
     cut = tokenize(render(CONVERSATION), gemma_tokenizer, max_length=len(full.input_ids) - 3)
     assert cut.truncated and cut.input_ids == full.input_ids[:-3]
-    assert cut.num_assistant_tokens == full.num_assistant_tokens - 3
+    full_mask = spans_to_mask(len(full.input_ids), full.assistant_spans)
+    assert spans_to_mask(len(cut.input_ids), cut.assistant_spans) == full_mask[:-3]

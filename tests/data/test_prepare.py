@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def prepared(tmp_path_factory, samples_dir, gemma_tokenizer):
 
 
 def test_exact_counts_per_source(prepared):
-    config, out, stats = prepared
+    _config, out, stats = prepared
     for split, per_source in (("train", 120), ("test", 40), ("validation", 10)):
         rows = _read(out / "data" / f"{split}.jsonl")
         counts = {name: sum(r["source_dataset"] == name for r in rows) for name in ("alpaca", "tulu", "ultrachat")}
@@ -56,7 +57,7 @@ def test_every_row_has_one_bos_and_valid_roles(prepared, gemma_tokenizer):
             assert row["text"].count("<bos>") == 1
             roles = [m["role"] for m in row["messages"]]
             assert roles[0] == "user" and roles[-1] == "assistant"
-            assert all(a != b for a, b in zip(roles, roles[1:], strict=False))
+            assert all(a != b for a, b in itertools.pairwise(roles))
             assert set(roles) <= {"user", "assistant"}
             assert len(row["input_ids"]) <= 2048 and row["assistant_spans"]
 
@@ -85,7 +86,7 @@ def test_alpaca_input_is_joined(prepared, samples_dir):
 
 
 def test_stats_and_examples(prepared):
-    _, out, stats = prepared
+    _, out, _stats = prepared
     written = json.loads((out / "data" / "stats.json").read_text())
     assert written["sources"]["tulu"]["train"]["sampled"] == 145
     assert written["sources"]["tulu"]["train"]["selected"] == 120
@@ -121,12 +122,13 @@ def test_removing_a_source_does_not_change_another_sources_rows(prepared, tmp_pa
 
 
 def test_too_few_rows_names_the_source_and_the_buffer(in_repo, tmp_path, gemma_tokenizer, samples_dir):
-    config = load_config("samples", ["data.train_per_source=140"])
+    config = load_config("samples", ["data.max_seq_length=64", "prepare.overlength=drop"])
     with pytest.raises(UserError) as error:
         prepare_data(config, tmp_path, gemma_tokenizer)
     message = str(error.value)
-    assert "must be at least" in message or "raise data.train_buffer" in message
+    assert "usable train rows after filtering" in message and "overlength" in message
+    assert "raise data.train_buffer (now 145)" in message
     config = load_config("samples", ["data.train_buffer=3000"])
-    with pytest.raises(UserError, match="'tulu'.* has 200 rows"):
+    with pytest.raises(UserError, match=r"'tulu'.* has 200 rows"):
         prepare_data(config, tmp_path, gemma_tokenizer)
     assert not (tmp_path / "data").exists()
