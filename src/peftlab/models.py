@@ -9,6 +9,7 @@ from `model.tokenizer` or `name_or_path`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,18 @@ def _hub_error(what: str, name: str, exc: Exception) -> UserError:
 
 
 def load_tokenizer(model: ModelConfig):
+    """The tokenizer for `model:`; loaded once per process (Gemma's is a 33 MB tokenizer.json)."""
+    return _cached_tokenizer(model.tokenizer or model.name_or_path, model.revision, model.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    name = model.tokenizer or model.name_or_path
     source, extra = resolve_source(name)
-    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
-    if extra.get("hub") and model.revision:
-        kwargs["revision"] = model.revision
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if extra.get("hub") and revision:
+        kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -7,6 +7,7 @@ atomically, so any stage can be re-run alone and `study` skips stages whose outp
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from peftlab.config import StudyConfig
@@ -97,9 +98,11 @@ def run_study(config: StudyConfig, run_dir: Path) -> dict:
     models = evaluated_models(config)
     stages = ["prepare", *[f"train {m}" for m in config.methods], *[f"evaluate {m}" for m in models], "report"]
     step = iter(range(1, len(stages) + 1))
+    started = time.perf_counter()
 
     def header(name: str, skipped: bool) -> None:
-        say(f"[{next(step)}/{len(stages)}] {name}{' (done, skipped)' if skipped else ''}")
+        elapsed = time.perf_counter() - started
+        say(f"[{next(step)}/{len(stages)}] {name}{' (done, skipped)' if skipped else ''}  (+{elapsed:.0f} s)")
 
     done = (run_dir / "data" / "stats.json").exists()
     header("prepare", done)

@@ -104,7 +104,6 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
     examples = examples_from_rows(_limited(read_split(run_dir, "test"), limit))
     device = device_name()
     tokenizer = load_tokenizer(config.model)
-    tokenizer.padding_side = "left"
     extra: dict[str, Any] = {}
     if name == "ensemble":
         members = config.evaluate.ensemble.members

@@ -76,7 +76,7 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
                 adapters, adapter_base = stage_out / "final", source
             else:
                 source = str(stage_out / "final")
-        stages.append({"stage": index, "method": stage.method, **metrics})
+        stages.append({**metrics, "stage": index, "method": stage.method})
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)

@@ -3,12 +3,12 @@
 Peak GPU memory is `torch.cuda.max_memory_allocated()` / `max_memory_reserved()` over the loop,
 with the counters reset before it (the original study read `memory_allocated()` after loading,
 which is roughly the weights, never a training peak). On CPU the GPU fields are None, never 0.
+The process RSS peak is sampled over the same span.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +27,34 @@ class Measurement:
     peak_rss_gib: float = 0.0
 
 
-def peak_rss_gib() -> float:
-    """The process's peak resident set size so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (GIB if sys.platform == "darwin" else 1024**2)
+class RssSampler:
+    """Samples the process's resident set size in a background thread; `peak` is the largest seen.
+
+    The kernel's own peak (ru_maxrss) covers the whole process lifetime, so in a study that trains
+    several methods in one process it would carry one method's peak into the next.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 @contextmanager
@@ -41,12 +65,14 @@ def measure() -> Iterator[Measurement]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    sampler = RssSampler()
     try:
-        yield result
+        with sampler:
+            yield result
     finally:
         if cuda:
             torch.cuda.synchronize()
             result.peak_gpu_alloc_gib = torch.cuda.max_memory_allocated() / GIB
             result.peak_gpu_reserved_gib = torch.cuda.max_memory_reserved() / GIB
         result.seconds = time.perf_counter() - start
-        result.peak_rss_gib = peak_rss_gib()
+        result.peak_rss_gib = sampler.peak / GIB

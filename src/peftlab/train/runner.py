@@ -27,13 +27,38 @@ from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
 from peftlab.train.batches import PadCollator, TokenizedRows
 from peftlab.train.meter import measure
 
+# Vocabulary logits are computed this many at a time (128M floats: 512 MB in fp32 at any vocabulary).
+LOGIT_CHUNK_ELEMENTS = 1 << 27
+
+
+def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None) -> torch.Tensor:
+    """Summed cross-entropy of `targets` given final hidden states, in chunks that are recomputed in
+    backward, so the (tokens x vocabulary) logits never exist all at once."""
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // lm_head.out_features)
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False)
+        else:
+            total = total + chunk_loss(h, y)
+    return total
+
 
 class TargetTokenTrainer(Trainer):
     """`Trainer` whose loss computes vocabulary logits only at positions that have a target.
 
     The vocabulary is 262,144 for Gemma 3: logits for every position of every row dominate memory
-    and time, while the loss needs them only where labels are set (assistant tokens by default).
-    The value equals the usual token-mean cross-entropy over the accumulated batch.
+    and time, while the loss needs them only where labels are set (assistant tokens by default),
+    and even those are computed in recomputed chunks. The value equals the usual token-mean
+    cross-entropy over the accumulated batch (tested).
     """
 
     tokens_seen: torch.Tensor | None = None
@@ -46,11 +71,8 @@ class TargetTokenTrainer(Trainer):
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap)
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         seen = inputs["attention_mask"].sum()
         self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen

@@ -1,0 +1,70 @@
+"""End to end: `peftlab study smoke` writes every file of the run directory; a rerun skips all stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, gemma_tokenizer):
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    assert main(["study", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_file_is_written(study):
+    for path in ("config.resolved.yaml", "env.json", "data/train.jsonl", "data/test.jsonl", "data/stats.json",
+                 "data/validation.jsonl", "results.json", "report.md", "report.html",
+                 "plots/quality.png", "plots/loss.png"):
+        assert (study / path).exists(), path
+    for method in ("qlora", "galore", "hybrid"):
+        assert (study / "train" / method / "metrics.json").exists()
+        assert (study / "train" / method / "loss.csv").exists()
+    for model in ("base", "qlora", "galore", "hybrid", "ensemble"):
+        assert (study / "eval" / model / "predictions.jsonl").exists()
+    assert not list(study.rglob(".*.tmp-*"))
+
+
+def test_results_contract(study):
+    results = json.loads((study / "results.json").read_text())
+    assert set(results["models"]) == {"base", "qlora", "galore", "hybrid", "ensemble"}
+    for block in results["models"].values():
+        assert {"bleu4", "rougeL", "n", "per_source"} <= set(block)
+        assert set(block["per_source"]) == {"alpaca", "tulu", "ultrachat"}
+        assert block["n"] == 12
+    for method in ("qlora", "galore", "hybrid"):
+        training = results["training"][method]
+        assert {"peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "train_time_s", "tokens_per_s",
+                "trainable_params", "total_params"} <= set(training)
+    assert results["config"]["name"] == "smoke" and "torch" in results["versions"]
+    pairs = {(c["a"], c["b"], c["metric"]) for c in results["comparisons"]}
+    assert ("base", "qlora", "bleu4") in pairs
+    assert 0.0 <= results["ensemble"]["alpha"] <= 1.0 and len(results["ensemble"]["validation"]) == 3
+
+
+def test_env_records_versions_and_data_hashes(study):
+    env = json.loads((study / "env.json").read_text())
+    assert "transformers" in env["versions"] and env["data_hashes"]["train.jsonl"].startswith("sha256:")
+
+
+def test_predictions_never_contain_the_prompt(study):
+    for line in (study / "eval" / "base" / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert "<start_of_turn>" not in row["prediction"]
+        assert not row["prediction"].startswith("user")
+        assert row["prompt"].endswith("<start_of_turn>model\n")
+
+
+def test_rerun_skips_finished_stages(study, capsys):
+    assert main(["study", "smoke", "--out", str(study)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("(done, skipped)") == 9
+
+
+def test_a_different_config_is_refused(study, capsys):
+    assert main(["study", "smoke", "--out", str(study), "--set", "data.seed=1"]) == 2
+    assert "different config" in capsys.readouterr().err

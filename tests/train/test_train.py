@@ -1,0 +1,163 @@
+"""Training on a tiny random Gemma 3 (CPU): every method, the loss, the metrics file, resume, merge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.config import load_config
+from peftlab.data.prepare import prepare_data, read_split
+from peftlab.train.batches import IGNORE, PadCollator, TokenizedRows
+from peftlab.train.runner import TargetTokenTrainer, train_method
+
+VOCAB = 262_144
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, gemma_tokenizer):
+    config = load_config("smoke")
+    run_dir = tmp_path_factory.mktemp("smoke")
+    prepare_data(config, run_dir, gemma_tokenizer)
+    return config, run_dir
+
+
+def _method(config, name, **changes):
+    return replace(config.method(name), **changes)
+
+
+def _tiny_param_count() -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.models import read_model_config
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3")))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_assistant_only_labels(smoke):
+    _, run_dir = smoke
+    row = read_split(run_dir, "train")[0]
+    assistant = TokenizedRows([row], "assistant")[0]
+    everything = TokenizedRows([row], "all")[0]
+    kept = [i for i, label in enumerate(assistant["labels"]) if label != IGNORE]
+    assert kept == [i for s, e in row["assistant_spans"] for i in range(s, e)]
+    assert 0 < len(kept) < len(row["input_ids"])
+    assert everything["labels"] == row["input_ids"]
+
+
+def test_target_token_loss_equals_the_standard_loss(smoke):
+    """Logits only where labels are set give the same value as the full-vocabulary HF loss."""
+    from peftlab.models import device_name, load_model
+
+    config, run_dir = smoke
+    model = load_model(config.model, device=device_name(), dtype=torch.float32, seed=0)
+    rows = TokenizedRows(read_split(run_dir, "train")[:4], "assistant")
+    batch = PadCollator(0)([rows[i] for i in range(4)])
+    trainer = TargetTokenTrainer.__new__(TargetTokenTrainer)
+    ours = trainer.compute_loss(model, batch)
+    reference = model(**batch).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(math.log(VOCAB), abs=0.3)  # random weights: about uniform
+
+
+@pytest.mark.parametrize("kind", ["qlora", "lora", "galore", "full"])
+def test_every_method_trains_and_accounts(smoke, tmp_path, kind):
+    config, run_dir = smoke
+    base = "galore" if kind == "galore" else "qlora"
+    method = _method(config, base, kind=kind, max_steps=3)
+    metrics = train_method(config, run_dir, kind, method=method, out=tmp_path / kind)
+    assert metrics["optimizer_steps"] == 3 and len(metrics["loss_curve"]) == 3
+    assert all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
+    assert abs(metrics["loss_curve"][0]["loss"] - math.log(VOCAB)) < 0.3
+    assert metrics["peak_gpu_alloc_gib"] is None and metrics["peak_gpu_reserved_gib"] is None  # CPU: null, not 0
+    assert metrics["peak_rss_gib"] > 0.1 and metrics["train_time_s"] > 0 and metrics["tokens_per_s"] > 0
+    assert metrics["model_load_s"] > 0 and metrics["data_load_s"] > 0
+    assert metrics["tokens_trained"] > 0
+    total = _tiny_param_count()
+    assert metrics["total_params"] == total
+    if kind in ("qlora", "lora"):
+        r, hidden, inter, layers = 4, 64, 128, 2
+        q, kv, o = 2 * 32, 1 * 32, 2 * 32  # heads * head_dim
+        per_layer = r * ((hidden + q) + 2 * (hidden + kv) + (o + hidden) + 2 * (hidden + inter) + (inter + hidden))
+        assert metrics["trainable_params"] == layers * per_layer
+        assert (tmp_path / kind / "final" / "adapter_model.safetensors").exists()
+    else:
+        assert metrics["trainable_params"] == total
+        assert (tmp_path / kind / "final" / "model.safetensors").exists()
+    assert not list((tmp_path / kind / "final").glob("*.bin"))
+    written = (tmp_path / kind / "metrics.json").read_text()
+    for key in ("versions", "gpu_name", "final_loss", "loss_curve", "peak_rss_gib"):
+        assert f'"{key}"' in written
+    assert (tmp_path / kind / "loss.csv").read_text().startswith("step,epoch,loss")
+
+
+@pytest.mark.parametrize("kind", ["galore", "lora"])
+def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind):
+    config, run_dir = smoke
+    base = "galore" if kind == "galore" else "qlora"
+    method = _method(config, base, kind=kind, max_steps=6, save_steps=2)
+    whole = train_method(config, run_dir, kind, method=method, out=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train_method(config, run_dir, kind, method=method, out=tmp_path / "cut", stop_after=2)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = train_method(config, run_dir, kind, method=method, out=tmp_path / "cut", resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    ours = [p["loss"] for p in resumed["loss_curve"]]
+    expected = [p["loss"] for p in whole["loss_curve"]]
+    assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):
+    from peft import PeftModel
+
+    from peftlab.methods.hybrid import merge_adapters
+    from peftlab.models import load_model
+
+    config, run_dir = smoke
+    config = replace(config, model=replace(config.model, dtype="bfloat16"))
+    method = _method(config, "qlora", kind="lora", max_steps=3, lr=0.05)  # large steps: adapters matter
+    train_method(config, run_dir, "lora", method=method, out=tmp_path / "lora")
+    merge_adapters(config, tmp_path / "lora" / "final", tmp_path / "merge", None)
+    ids = torch.tensor([read_split(run_dir, "test")[0]["input_ids"][:40]])
+    base = load_model(config.model, device="cpu", dtype=torch.bfloat16)
+    with_adapters = PeftModel.from_pretrained(base, str(tmp_path / "lora" / "final")).eval()
+    merged = load_model(config.model, device="cpu", dtype=torch.bfloat16, source=str(tmp_path / "merge" / "final")).eval()
+    assert next(merged.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = with_adapters(ids).logits.float()
+        got = merged(ids).logits.float()
+        plain = load_model(config.model, device="cpu", dtype=torch.bfloat16)(ids).logits.float()
+    assert (expected - plain).abs().max() > 0.01  # the adapters changed the model
+    assert (got - expected).abs().max() < 0.05  # bf16 rounding only
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+
+
+def test_hybrid_runs_stages_and_sums_resources(smoke):
+    config, run_dir = smoke
+    metrics = train_method(config, run_dir, "hybrid")
+    assert [s["method"] for s in metrics["stages"]] == ["qlora", "merge", "galore"]
+    assert metrics["optimizer_steps"] == 4 and len(metrics["loss_curve"]) == 4
+    assert metrics["train_time_s"] == pytest.approx(sum(s.get("train_time_s", 0) for s in metrics["stages"]))
+    assert metrics["merge_time_s"] > 0
+    assert (Path(run_dir) / "train" / "hybrid" / "final" / "model.safetensors").exists()
+    assert metrics["trainable_params"] == metrics["total_params"]
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradient(monkeypatch):
+    import peftlab.train.runner as runner
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected,) = torch.autograd.grad(whole, hidden)
+    monkeypatch.setattr(runner, "LOGIT_CHUNK_ELEMENTS", 50 * 8)  # chunks of 8 rows
+    chunked = runner.target_token_loss_sum(hidden, targets, head, None)
+    (got,) = torch.autograd.grad(chunked, hidden)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(got, expected, atol=1e-6)
