@@ -118,7 +118,10 @@ def device_name() -> str:
 
 
 def model_dir(model: ModelConfig, seed: int = 0) -> tuple[str, dict[str, Any]]:
-    """A directory (or hub id) holding the model's weights; `model.config` is materialised once."""
+    """A directory (or hub id) holding the model's weights; `model.config` is materialised once.
+
+    Random weights use `seed` (0 unless a test asks for another model): every stage of a study,
+    whatever its training seed, must start from the same base."""
     if model.config:
         return str(random_model_dir(model.config, seed)), {}
     return resolve_source(model.name_or_path)

@@ -52,7 +52,7 @@ def _adapter_model(config: StudyConfig, name: str, adapter_dir: Path, device: st
         from peftlab.methods.qlora import quantization_config
 
         quantization, _ = quantization_config(BuildContext(config.model, method, device, dtype))
-    base = load_model(config.model, device=device, dtype=dtype, quantization_config=quantization, seed=method.seed)
+    base = load_model(config.model, device=device, dtype=dtype, quantization_config=quantization)
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 

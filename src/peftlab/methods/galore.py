@@ -44,7 +44,7 @@ def build(ctx: BuildContext) -> Recipe:
         import galore_torch
     except ImportError:
         raise UserError("galore needs galore-torch: pip install 'peftlab[methods]'") from None
-    model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source, seed=ctx.method.seed)
+    model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source)
     settings = ctx.method.galore
     notes = {"galore_targets": len(target_parameter_names(model, settings.targets))}
     if settings.variant == "layerwise":

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from peftlab.config import StudyConfig
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, read_json, write_json
 from peftlab.train.meter import measure
+from peftlab.train.runner import release_memory
 
 
 def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
@@ -43,8 +42,7 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
     }
     write_json(out / "metrics.json", metrics)
     del base, merged
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return metrics
 
 

@@ -21,7 +21,7 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
 
 
 def build(ctx: BuildContext) -> Recipe:
-    model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source, seed=ctx.method.seed)
+    model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source)
     if ctx.method.gradient_checkpointing:
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(ctx.method.lora))

@@ -35,7 +35,7 @@ def build(ctx: BuildContext) -> Recipe:
         raise UserError("qlora needs bitsandbytes: pip install 'peftlab[methods]'") from None
     config, compute = quantization_config(ctx)
     model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source,
-                       quantization_config=config, seed=ctx.method.seed)
+                       quantization_config=config)
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=ctx.method.gradient_checkpointing,

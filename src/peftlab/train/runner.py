@@ -227,7 +227,18 @@ def train_method(
         "versions": package_versions(),
     }
     write_json(out / "metrics.json", metrics)
+    del trainer, recipe
+    release_memory()
     return metrics
+
+
+def release_memory() -> None:
+    """Free the finished stage's tensors so the next stage's peak starts from what it allocates itself."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prepare_output(out: Path, resume: bool) -> str | None:
