@@ -81,8 +81,14 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
     assert source is not None  # validated: the stages end on a full model
     shutil.move(source, final)
     metrics = summarize_stages(name, stages, time.perf_counter() - started)
+    _write_curve(out / "loss.csv", metrics["loss_curve"])
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
+    lines = ["step,stage,loss", *(f"{p['step']},{p['stage']},{p['loss']}" for p in curve)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
