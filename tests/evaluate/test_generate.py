@@ -7,7 +7,13 @@ import torch
 
 from peftlab.config import load_config
 from peftlab.evaluate.ensemble import mixed_greedy
-from peftlab.evaluate.generate import cut_at_stop, generate_all, hf_greedy, length_sorted_batches, stop_token_ids
+from peftlab.evaluate.generate import (
+    cut_at_stop,
+    generate_all,
+    hf_greedy,
+    length_sorted_batches,
+    stop_token_ids,
+)
 
 PROMPTS = [
     "<bos><start_of_turn>user\nReverse the word apple.<end_of_turn>\n<start_of_turn>model\n",

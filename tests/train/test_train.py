@@ -161,3 +161,23 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradient(monkeypatch):
     (got,) = torch.autograd.grad(chunked, hidden)
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["adamw8bit", "layerwise"])
+def test_galore_variants_train(smoke, tmp_path, variant):
+    config, run_dir = smoke
+    method = _method(config, "galore", max_steps=2, grad_accum=1)
+    method = replace(method, galore=replace(method.galore, variant=variant))
+    metrics = train_method(config, run_dir, "galore", method=method, out=tmp_path / variant)
+    assert metrics["optimizer"] in ("galore_adamw8bit", "galore_adamw_layerwise")
+    assert metrics["optimizer_steps"] == 2 and all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
+
+
+def test_layerwise_galore_refuses_gradient_accumulation(smoke, tmp_path):
+    from peftlab.errors import UserError
+
+    config, run_dir = smoke
+    method = _method(config, "galore", max_steps=2, grad_accum=2)
+    method = replace(method, galore=replace(method.galore, variant="layerwise"))
+    with pytest.raises(UserError, match="grad_accum: 1"):
+        train_method(config, run_dir, "galore", method=method, out=tmp_path / "lw")
