@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="prepare -> train -> evaluate -> report, skipping finished stages")
     _add_config(study, optional=True)
 
+    bench = commands.add_parser("bench", help="time the BASELINE.md training workload: our profiles vs the reference")
+    bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full")
+    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, lowmem")
+    bench.add_argument("--reference", action="store_true", help="also run the study's TRL SFTTrainer recipe")
+    bench.add_argument("--shape", default="builtin:gemma-3-1b", help="model config (random weights)")
+    bench.add_argument("--tokenizer", default="builtin:gemma-3-270m")
+    bench.add_argument("--data", default=None, help="the seeds-samples folder (default: built-in demo data)")
+    bench.add_argument("--rows-per-source", type=int, default=190)
+    bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
+    bench.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+
     demo = commands.add_parser("demo-data", help="write the built-in demo dataset files")
     demo.add_argument("--out", type=Path, required=True)
     demo.add_argument("--rows", type=int, default=400, help="rows per schema")
@@ -103,6 +114,16 @@ def run_command(args: argparse.Namespace) -> int:
 
         config, run_dir = _load(args)
         run_study(config, run_dir)
+    elif args.command == "bench":
+        from peftlab.bench import run_bench
+
+        report = run_bench(
+            [m for m in args.methods.split(",") if m], [p for p in args.profiles.split(",") if p],
+            reference=args.reference, shape=args.shape, tokenizer=args.tokenizer, data_dir=args.data,
+            rows_per_source=args.rows_per_source, max_steps=args.max_steps, out=args.out,
+        )
+        if args.out is None:
+            print(json.dumps(report, indent=2))
     elif args.command == "demo-data":
         from peftlab.data.demo import write_demo_files
 

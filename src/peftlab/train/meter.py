@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 GIB = 1024**3
 
@@ -76,3 +77,32 @@ def measure() -> Iterator[Measurement]:
             result.peak_gpu_reserved_gib = torch.cuda.max_memory_reserved() / GIB
         result.seconds = time.perf_counter() - start
         result.peak_rss_gib = sampler.peak / GIB
+
+
+class StepTimes(TrainerCallback):
+    """Wall time of each optimizer step (a `transformers` callback; synchronises the GPU per step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.durations: list[float] = []
+        self._last: float | None = None
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        if self._last is not None:
+            self.durations.append(now - self._last)
+        self._last = now
+
+    def summary(self) -> dict[str, float | None]:
+        if not self.durations:
+            return {"first_step_s": None, "step_s_median": None}
+        ordered = sorted(self.durations[1:] or self.durations)
+        return {"first_step_s": self.durations[0], "step_s_median": ordered[len(ordered) // 2]}

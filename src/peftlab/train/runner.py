@@ -25,7 +25,7 @@ from peftlab.methods import BuildContext, Recipe, build
 from peftlab.models import count_parameters, device_name, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
 from peftlab.train.batches import PadCollator, TokenizedRows
-from peftlab.train.meter import measure
+from peftlab.train.meter import StepTimes, measure
 
 # Vocabulary logits are computed this many at a time (128M floats: 512 MB in fp32 at any vocabulary).
 LOGIT_CHUNK_ELEMENTS = 1 << 27
@@ -129,6 +129,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         save_only_model=False,
         seed=method.seed,
         data_seed=method.seed,
+        train_sampling_strategy=method.sampling,
         bf16=device == "cuda" and dtype == torch.bfloat16,
         gradient_checkpointing=method.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -179,13 +180,14 @@ def train_method(
 
     allow_galore_checkpoints()
     args = training_arguments(method, out, device, dtype, recipe)
+    step_times = StepTimes()
     trainer = TargetTokenTrainer(
         model=recipe.model,
         args=args,
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         optimizers=(recipe.optimizer, None),
-        callbacks=[StopAfter(stop_after)] if stop_after else None,
+        callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else [])],
     )
     with measure() as loop:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -215,6 +217,7 @@ def train_method(
         "tokens_trained": tokens,
         "tokens_per_s": tokens / loop.seconds if loop.seconds > 0 else None,
         "optimizer_steps": trainer.state.global_step,
+        **step_times.summary(),
         "resumed_from": checkpoint,
         "trainable_params": trainable,
         "total_params": total,

@@ -1,0 +1,326 @@
+"""`peftlab bench`: the BASELINE.md training workload, our profiles and the reference recipe, side by side.
+
+Workload: a model of a given shape with random weights (default the exact Gemma-3-1B shape), the
+Gemma 3 tokenizer, `rows_per_source` real rows per source (seed 42), loss on all tokens as the
+reference does, an effective batch of 16 rows per optimizer step. Each run is a fresh process
+(`python -m peftlab.bench --worker SPEC.json`) so peak-memory counters never mix.
+
+Profiles of ours (all with the study's hyperparameters and effective batch):
+- `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches.
+- `lowmem`: the study's settings: 4 rows x 4 accumulation, checkpointing, max_seq_length 2048.
+- `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
+
+MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
+train) or 4N (frozen base + adapters: forward plus activation gradients) plus attention
+12 x layers x heads x head_dim x mean sequence length; N counts every parameter once (the tied
+embedding as the output projection); checkpointing's recomputation is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import UserError
+
+# Dense bf16 peak of the GPU the bench runs on; H100/H200 SXM spec sheet value.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+STUDY_HYPERPARAMETERS = {
+    "qlora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "paged_adamw_8bit"},
+    "lora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "adamw_torch"},
+    "galore": {"lr": 1e-4, "max_grad_norm": 1.0},
+    "full": {"lr": 1e-5, "max_grad_norm": 1.0, "optimizer": "adamw_torch"},
+}
+PROFILES = {
+    "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length"},
+    "lowmem": {"batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "sampling": "random",
+               "max_seq_length": 2048},
+}
+
+
+# Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
+ROW_SLACK = 10
+
+
+@dataclass
+class BenchSpec:
+    method: str
+    profile: str
+    shape: str = "builtin:gemma-3-1b"
+    tokenizer: str = "builtin:gemma-3-270m"
+    sources: list[dict[str, str]] = field(default_factory=list)
+    rows_per_source: int = 190  # the Tulu sample has 200 rows
+    max_seq_length: int = 1024
+    max_steps: int = -1
+    work_dir: str = ""
+
+
+def default_sources(data_dir: str | None) -> list[dict[str, str]]:
+    """The real samples when a folder is given, else the built-in demo data (CPU smoke runs)."""
+    if not data_dir:
+        return [{"name": n, "format": n, "path": f"demo:{n}:400"} for n in ("alpaca", "tulu", "ultrachat")]
+    root = Path(data_dir)
+    return [
+        {"name": "alpaca", "format": "alpaca", "path": str(root / "alpaca" / "alpaca_4000.json")},
+        {"name": "tulu", "format": "tulu", "path": str(root / "tulu-v2-sft-mixture" / "tulu_v2_200.jsonl")},
+        {"name": "ultrachat", "format": "ultrachat", "path": str(root / "ultrachat_200k" / "ultrachat_800.jsonl")},
+    ]
+
+
+def workload_config(spec: BenchSpec):
+    """The workload as a study config: one method, the profile's batch settings."""
+    from peftlab.config import config_from_dict
+
+    profile = dict(PROFILES.get(spec.profile, {}))
+    max_len = profile.pop("max_seq_length", spec.max_seq_length)
+    method = {"kind": spec.method, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
+              "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
+              **STUDY_HYPERPARAMETERS[spec.method], **profile}
+    if spec.method == "galore":
+        method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                            "targets": ["attn", "mlp"]}
+    rows = spec.rows_per_source
+    raw = {
+        "name": "bench",
+        "data": {"seed": 42, "train_per_source": rows, "test_per_source": 0, "train_buffer": rows + ROW_SLACK,
+                 "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
+        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa"},
+        "methods": {spec.method: method},
+    }
+    return config_from_dict(raw, source="bench workload")
+
+
+def flops_per_token(model_config: dict[str, Any], params: int, trains_all: bool, mean_seq: float) -> float:
+    attention = 12 * model_config["num_hidden_layers"] * model_config["num_attention_heads"] \
+        * model_config["head_dim"] * mean_seq
+    return (6 if trains_all else 4) * params + attention
+
+
+def peak_flops(gpu: str | None) -> float | None:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if gpu and key in gpu:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (one process per run)
+
+
+def prepare_workload(spec: BenchSpec):
+    """The workload rows, prepared exactly as a study prepares them (same rows for every run)."""
+    from peftlab.data.prepare import prepare_data
+    from peftlab.models import load_tokenizer
+
+    config = workload_config(spec)
+    run_dir = Path(spec.work_dir)
+    prepare_data(config, run_dir, load_tokenizer(config.model))
+    return config, run_dir
+
+
+def run_ours(spec: BenchSpec) -> dict[str, Any]:
+    from peftlab.train.runner import train_method
+
+    config, run_dir = prepare_workload(spec)
+    metrics = train_method(config, run_dir, spec.method)
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    return {"metrics": metrics, "rows": stats["splits"]["train"]["rows"],
+            "mean_seq": stats["splits"]["train"]["mean_tokens"], "max_seq_length": config.data.max_seq_length}
+
+
+def run_reference(spec: BenchSpec) -> dict[str, Any]:
+    """The study's recipe: TRL SFTTrainer with a plain TrainingArguments, as BASELINE.md describes."""
+    try:
+        import datasets
+        from trl import SFTTrainer
+    except ImportError:
+        raise UserError("--reference needs trl and datasets: pip install 'peftlab[gpu]' datasets") from None
+    from transformers import TrainingArguments
+
+    from peftlab.data.prepare import read_split
+    from peftlab.models import count_parameters, load_tokenizer, random_model_dir
+    from peftlab.train.meter import StepTimes, measure
+
+    config, run_dir = prepare_workload(spec)
+    tokenizer = load_tokenizer(config.model)
+    texts = [row["text"] for row in read_split(run_dir, "train")]
+    dataset = datasets.Dataset.from_list([{"text": t} for t in texts]).shuffle(seed=42)
+    path = str(random_model_dir(spec.shape, 0))
+    method = config.methods[spec.method]
+    model, optimizers, optim = _reference_model(spec.method, path, method)
+    args = TrainingArguments(
+        output_dir=str(Path(spec.work_dir) / "ref"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        num_train_epochs=1, max_steps=spec.max_steps, weight_decay=0.01, warmup_steps=100,
+        lr_scheduler_type="cosine", bf16=True, gradient_checkpointing=True, seed=42, learning_rate=method.lr,
+        max_grad_norm=method.max_grad_norm, optim=optim, report_to=[], save_strategy="no", logging_steps=1,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         optimizers=optimizers)
+    counted = {"tokens": 0}
+    collate = trainer.data_collator
+
+    def counting_collator(batch):
+        out = collate(batch)
+        counted["tokens"] += int(out["attention_mask"].sum()) if "attention_mask" in out else int(out["input_ids"].numel())
+        return out
+
+    trainer.data_collator = counting_collator
+    step_times = StepTimes()
+    trainer.add_callback(step_times)
+    with measure() as loop:
+        trainer.train()
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    trainable, total = count_parameters(model)
+    metrics = {
+        "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib, "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
+        "train_time_s": loop.seconds, "tokens_trained": counted["tokens"],
+        "tokens_per_s": counted["tokens"] / loop.seconds, "optimizer_steps": trainer.state.global_step,
+        "trainable_params": trainable, "total_params": total, **step_times.summary(),
+        "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+    }
+    return {"metrics": metrics, "rows": len(texts), "mean_seq": statistics.fmean(lengths), "max_seq_length": 1024}
+
+
+def _reference_model(kind: str, path: str, method):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if kind == "qlora":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                     attn_implementation="eager", device_map={"": 0})
+        model = get_peft_model(prepare_model_for_kbit_training(model), lora)
+        return model, (None, None), "paged_adamw_8bit"
+    if kind == "lora":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        model.enable_input_require_grads()
+        return get_peft_model(model, lora), (None, None), "adamw_torch"
+    if kind == "galore":
+        from galore_torch import GaLoreAdamW
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+        plain = ("bias", "norm", "ln")
+        projected = [p for n, p in model.named_parameters() if not any(k in n for k in plain)]
+        rest = [p for n, p in model.named_parameters() if any(k in n for k in plain)]
+        groups = [{"params": projected, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                   "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
+        return model, (GaLoreAdamW(groups, lr=method.lr), None), "adamw_torch"
+    raise UserError(f"no reference recipe for method '{kind}' (qlora, lora, galore)")
+
+
+def worker(spec_path: str, result_path: str) -> None:
+    spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+    result = run_reference(spec) if spec.profile == "reference" else run_ours(spec)
+    Path(result_path).write_text(json.dumps(result, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[str, Any]:
+    from peftlab.models import read_model_config
+
+    metrics = result["metrics"]
+    shape = read_model_config(spec.shape)
+    trains_all = metrics["trainable_params"] >= metrics["total_params"]
+    per_token = flops_per_token(shape, metrics["total_params"], trains_all, result["mean_seq"])
+    peak = peak_flops(gpu)
+    return {
+        "method": spec.method, "profile": spec.profile,
+        "tokens_per_s": metrics["tokens_per_s"],
+        "mfu": metrics["tokens_per_s"] * per_token / peak if peak else None,
+        "peak_alloc_gib": metrics["peak_gpu_alloc_gib"], "peak_reserved_gib": metrics["peak_gpu_reserved_gib"],
+        "step_s_median": metrics.get("step_s_median"), "first_step_s": metrics.get("first_step_s"),
+        "max_seq_length": result["max_seq_length"], "rows": result["rows"],
+        "optimizer_steps": metrics["optimizer_steps"], "tokens_trained": metrics["tokens_trained"],
+        "train_time_s": metrics["train_time_s"], "flops_per_token": per_token,
+        "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
+        "loss_curve": metrics.get("loss_curve", []),
+    }
+
+
+def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape: str, tokenizer: str,
+              data_dir: str | None, rows_per_source: int, max_steps: int, out: Path | None) -> dict[str, Any]:
+    from peftlab.rundir import hardware, package_versions
+
+    for method in methods:
+        if method not in STUDY_HYPERPARAMETERS:
+            raise UserError(f"bench --methods: unknown method '{method}' (known: {', '.join(STUDY_HYPERPARAMETERS)})")
+    for profile in profiles:
+        if profile not in PROFILES:
+            raise UserError(f"bench --profiles: unknown profile '{profile}' (known: {', '.join(PROFILES)})")
+    gpu = hardware().get("gpu")
+    plan = [(m, p) for m in methods for p in ([*profiles, "reference"] if reference else profiles)]
+    report: dict[str, Any] = {"gpu": gpu or "cpu", "versions": package_versions(),
+                              "command": " ".join(["peftlab", *sys.argv[1:]]), "runs": []}
+    sources = default_sources(data_dir)
+    for index, (method, profile) in enumerate(plan, start=1):
+        print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
+            spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps, work)
+            result = _run_worker(spec, Path(work))
+        row = bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile, **result}
+        report["runs"].append(row)
+        if out is not None:
+            _write(out, report)
+    print(format_table(report["runs"]), file=sys.stderr)
+    return report
+
+
+def _run_worker(spec: BenchSpec, work: Path) -> dict[str, Any]:
+    spec_path, result_path = work / "spec.json", work / "result.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "peftlab.bench", "--worker", str(spec_path), str(result_path)],
+                          env=env)
+    if done.returncode != 0 or not result_path.exists():
+        return {"error": f"worker exited with status {done.returncode}"}
+    return json.loads(result_path.read_text())
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    from peftlab.rundir import write_json
+
+    write_json(path, report)
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    head = f"{'method':<8} {'profile':<10} {'tokens/s':>10} {'MFU':>6} {'peak alloc':>11} {'reserved':>9} {'step s':>7}"
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        if "error" in run:
+            lines.append(f"{run['method']:<8} {run['profile']:<10} {run['error']}")
+            continue
+
+        def num(value, fmt: str, width: int, unit: str = "") -> str:
+            return (format(value, fmt) + unit if value is not None else "n/a").rjust(width)
+
+        lines.append(f"{run['method']:<8} {run['profile']:<10} {run['tokens_per_s']:>10.0f} {num(run['mfu'], '.1%', 6)}"
+                     f" {num(run['peak_alloc_gib'], '.2f', 11, ' GiB')} {num(run['peak_reserved_gib'], '.2f', 9, ' GiB')}"
+                     f" {num(run['step_s_median'], '.2f', 7)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        try:
+            worker(sys.argv[2], sys.argv[3])
+        except UserError as exc:
+            print(f"peftlab: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        print("usage: python -m peftlab.bench --worker SPEC.json RESULT.json (use `peftlab bench`)", file=sys.stderr)
+        sys.exit(2)

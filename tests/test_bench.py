@@ -1,0 +1,36 @@
+"""`peftlab bench` on a tiny CPU shape: one fresh process per run, the JSON report's contract."""
+
+from __future__ import annotations
+
+import json
+
+from peftlab.bench import flops_per_token, format_table
+from peftlab.cli import main
+
+
+def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+                 "--rows-per-source", "8", "--max-steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["gpu"] == "cpu" and "torch" in report["versions"] and report["command"].startswith("peftlab")
+    assert [(r["method"], r["profile"]) for r in report["runs"]] == [("lora", "fast"), ("lora", "lowmem")]
+    for run in report["runs"]:
+        assert run["tokens_per_s"] > 0 and run["rows"] == 24 and run["optimizer_steps"] == 1
+        assert run["mfu"] is None and run["peak_alloc_gib"] is None  # no GPU: n/a, never 0
+        assert run["step_s_median"] > 0
+    assert [r["max_seq_length"] for r in report["runs"]] == [1024, 2048]
+    assert "lora     fast" in capsys.readouterr().err
+
+
+def test_unknown_method_is_a_user_error(capsys):
+    assert main(["bench", "--methods", "dora"]) == 2
+    assert "unknown method 'dora'" in capsys.readouterr().err
+
+
+def test_flops_formula():
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8}
+    assert flops_per_token(shape, 1000, True, 10) == 6 * 1000 + 12 * 2 * 4 * 8 * 10
+    assert flops_per_token(shape, 1000, False, 10) == 4 * 1000 + 12 * 2 * 4 * 8 * 10
+    assert "n/a" in format_table([{"method": "lora", "profile": "fast", "tokens_per_s": 1.0, "mfu": None,
+                                   "peak_alloc_gib": None, "peak_reserved_gib": None, "step_s_median": 1.0}])
