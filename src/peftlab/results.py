@@ -9,14 +9,13 @@ bootstrap for every pair of models and both metrics], "training": {METHOD: {"pea
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
 from peftlab.config import StudyConfig, config_to_dict, evaluated_models
 from peftlab.errors import UserError
 from peftlab.evaluate.metrics import paired_bootstrap, score_rows
-from peftlab.rundir import hardware, package_versions, read_json, write_json
+from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, write_json
 
 TRAINING_KEYS = (
     "peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "train_time_s", "tokens_per_s", "trainable_params",
@@ -27,8 +26,7 @@ MODEL_KEYS = ("bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2", "n
 
 
 def _predictions(run_dir: Path, model: str) -> list[dict[str, Any]]:
-    path = run_dir / "eval" / model / "predictions.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(run_dir / "eval" / model / "predictions.jsonl")
 
 
 def compare_models(run_dir: Path, models: list[str], samples: int) -> list[dict[str, Any]]:

@@ -68,6 +68,23 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file the project wrote; a corrupt line is a user error naming the line."""
+    from peftlab.errors import UserError
+
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {number}: malformed JSON ({exc.msg})") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:

@@ -27,7 +27,7 @@ from peftlab.data.chat import render, tokenize
 from peftlab.data.formats import Dropped, convert_row
 from peftlab.data.sources import LoadedSource, load_source
 from peftlab.errors import UserError
-from peftlab.rundir import atomic_dir, sha256_file, write_json, write_text
+from peftlab.rundir import atomic_dir, read_jsonl, sha256_file, write_json, write_text
 
 SPLITS = ("train", "validation", "test")
 
@@ -224,5 +224,4 @@ def read_split(run_dir: Path, split: str) -> list[dict[str, Any]]:
     path = run_dir / "data" / f"{split}.jsonl"
     if not path.exists():
         raise UserError(f"{path}: missing; run `peftlab prepare` first")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(path)

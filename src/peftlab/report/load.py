@@ -14,6 +14,7 @@ from typing import Any
 
 from peftlab.errors import UserError
 from peftlab.report.fmt import is_number
+from peftlab.rundir import read_jsonl
 
 BASE = "base"
 
@@ -160,20 +161,6 @@ def _read_json(path: Path) -> Any:
 
 def _read_optional(path: Path) -> Any:
     return _read_json(path) if path.is_file() else None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def read_loss_csv(path: Path) -> list[dict[str, Any]]:
