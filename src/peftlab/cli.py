@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(train)
     train.add_argument("--method", required=True, help="a name under methods: in the config")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--gpus", type=int, default=1,
+                       help="data-parallel processes (DDP through torchrun); same as `torchrun --nproc_per_node N -m peftlab train ...`")
 
     evaluate = commands.add_parser("evaluate", help="generate on the test split and score")
     _add_config(evaluate)
@@ -96,6 +98,9 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from peftlab.workflow import run_train
 
+        if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_distributed(args.gpus)
+
         config, run_dir = _load(args)
         run_train(config, run_dir, args.method, resume=args.resume)
     elif args.command == "evaluate":
@@ -130,6 +135,28 @@ def run_command(args: argparse.Namespace) -> int:
         for schema, path in write_demo_files(args.out, args.rows).items():
             print(f"{schema}: {path}")
     return 0
+
+
+def launch_distributed(processes: int) -> int:
+    """Re-run this command under torchrun (the standard launcher): one process per GPU, DDP."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    cleaned: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--gpus":
+            skip = True
+            continue
+        if item.startswith("--gpus="):
+            continue
+        cleaned.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "peftlab", *cleaned]
+    return subprocess.run(command).returncode
 
 
 def _score(args: argparse.Namespace) -> int:

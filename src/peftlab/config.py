@@ -125,7 +125,7 @@ class MethodConfig:
     # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU, adamw_torch otherwise.
     optimizer: str = "auto"
     # Batches of similar-length rows (less padding); `random` keeps the study's plain shuffle.
-    sampling: Literal["random", "group_by_length"] = "random"
+    sampling: Literal["random", "group_by_length", "sequential"] = "random"
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2

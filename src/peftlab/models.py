@@ -172,6 +172,7 @@ def cache_root() -> Path:
 def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = None,
                quantization_config=None, seed: int = 0):
     """Load the causal LM from `source` (a directory) or from what `model:` names."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path, extra = (source, {}) if source else model_dir(model, seed)
@@ -184,7 +185,7 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
         kwargs["revision"] = model.revision
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

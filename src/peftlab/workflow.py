@@ -41,8 +41,14 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
     config.method(method)  # unknown method -> one clear error before anything loads
     if not (run_dir / "data" / "train.jsonl").exists():
         raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
-    write_provenance(run_dir, config)
+    from peftlab.train.runner import distributed_rank_world
+
+    rank, _ = distributed_rank_world()
+    if rank == 0:
+        write_provenance(run_dir, config)
     metrics = train_method(config, run_dir, method, resume=resume)
+    if rank != 0:
+        return metrics
     peak = metrics["peak_gpu_alloc_gib"]
     memory = f"peak GPU {peak:.2f} GiB" if peak is not None else f"peak RSS {metrics['peak_rss_gib']:.2f} GiB (CPU)"
     say(f"{method}: {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f},"

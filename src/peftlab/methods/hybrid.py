@@ -47,8 +47,9 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
 
 
 def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool = False) -> dict[str, Any]:
-    from peftlab.train.runner import stage_method, train_method
+    from peftlab.train.runner import distributed_rank_world, stage_method, train_method
 
+    rank, world = distributed_rank_world()
     hybrid = config.method(name)
     out = run_dir / "train" / name
     started = time.perf_counter()
@@ -61,8 +62,15 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
         done = (stage_out / "metrics.json").exists() and (stage_out / "final").exists()
         if stage.method == "merge":
             assert adapters is not None  # validated in config
-            metrics = read_json(stage_out / "metrics.json") if done else merge_adapters(
-                config, adapters, stage_out, adapter_base)
+            if done:
+                metrics = read_json(stage_out / "metrics.json")
+            elif rank == 0:  # one process merges; the others wait for its files
+                metrics = merge_adapters(config, adapters, stage_out, adapter_base)
+            if world > 1:
+                import torch.distributed
+
+                torch.distributed.barrier()
+                metrics = read_json(stage_out / "metrics.json")
             source, adapters = str(stage_out / "final"), None
         else:
             method = stage_method(config, stage.method, stage.epochs, stage.max_steps)
@@ -75,6 +83,8 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
             else:
                 source = str(stage_out / "final")
         stages.append({**metrics, "stage": index, "method": stage.method})
+    if rank != 0:
+        return {}
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -66,9 +67,11 @@ class TargetTokenTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         causal_lm = _unwrap(model)
-        hidden = causal_lm.get_decoder()(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).last_hidden_state
+        # Through the (DDP / PEFT) wrapper, so data-parallel gradient sync is armed; the model's own
+        # head runs on one position only, and its last hidden state is the final-norm output.
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = outputs.hidden_states[-1]
         targets = labels[:, 1:]
         keep = targets != -100
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
@@ -77,6 +80,9 @@ class TargetTokenTrainer(Trainer):
         seen = inputs["attention_mask"].sum()
         self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
         loss = loss / count
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # `count` is the token count of all ranks, and DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
 
@@ -161,8 +167,10 @@ def train_method(
 
         return train_hybrid(config, run_dir, name, resume=resume)
     out = out or run_dir / "train" / name
-    checkpoint = _prepare_output(out, resume)
+    rank, world = distributed_rank_world()
     device = device_name()
+    if device == "cuda" and world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dtype = resolve_dtype(config.model, device)
 
     started = time.perf_counter()
@@ -180,6 +188,11 @@ def train_method(
 
     allow_galore_checkpoints()
     args = training_arguments(method, out, device, dtype, recipe)
+    _ = args.device  # sets up the process group under torchrun / accelerate launch
+    checkpoint = _prepare_output(out, resume) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+        checkpoint = _last_checkpoint(out) if resume else None
     step_times = StepTimes()
     trainer = TargetTokenTrainer(
         model=recipe.model,
@@ -195,7 +208,15 @@ def train_method(
         raise KeyboardInterrupt  # simulated interruption: checkpoints are kept, nothing is final
 
     tokens = int(trainer.tokens_seen.item()) if trainer.tokens_seen is not None else 0
+    ranks = _gather_ranks({"rank": rank, "tokens_trained": tokens, "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
+                           "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib, "peak_rss_gib": loop.peak_rss_gib},
+                          world)
+    tokens = sum(r["tokens_trained"] for r in ranks)
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if rank != 0:
+        del trainer, recipe
+        release_memory()
+        return {}
     _write_loss_csv(out / "loss.csv", losses)
     with atomic_dir(out / "final") as final:
         recipe.model.save_pretrained(final, safe_serialization=True)
@@ -211,6 +232,9 @@ def train_method(
         "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
         "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
         "peak_rss_gib": loop.peak_rss_gib,
+        "world_size": world,
+        "per_rank": ranks,
+        "peak_gpu_alloc_gib_total": _total(ranks, "peak_gpu_alloc_gib"),
         "model_load_s": load_seconds,
         "data_load_s": data_seconds,
         "train_time_s": loop.seconds,
@@ -235,6 +259,19 @@ def train_method(
     return metrics
 
 
+def _gather_ranks(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _total(ranks: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in ranks if r[key] is not None]
+    return sum(values) if values else None
+
+
 def release_memory() -> None:
     """Free the finished stage's tensors so the next stage's peak starts from what it allocates itself."""
     import gc
@@ -244,15 +281,24 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun / accelerate launch set them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
 def _prepare_output(out: Path, resume: bool) -> str | None:
     """The checkpoint to resume from, or None after clearing a previous attempt."""
-    checkpoints = out / "checkpoints"
     if resume:
-        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not found:
-            raise UserError(f"--resume: no checkpoint under {checkpoints}; run without --resume to start")
+        found = _last_checkpoint(out)
+        if found is None:
+            raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume to start")
         (out / "metrics.json").unlink(missing_ok=True)
-        return str(found[-1])
+        return found
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
