@@ -35,10 +35,10 @@ def main() -> int:
         f"data.sources.0.path={samples}/alpaca/alpaca_4000.json",
         f"data.sources.1.path={samples}/tulu-v2-sft-mixture/tulu_v2_200.jsonl",
         f"data.sources.2.path={samples}/ultrachat_200k/ultrachat_800.jsonl",
-        "methods.qlora.max_steps=%d" % args.steps, "methods.galore.max_steps=%d" % args.steps,
-        "methods.lora.max_steps=%d" % args.steps, "methods.full.max_steps=%d" % args.steps,
+        f"methods.qlora.max_steps={args.steps}", f"methods.galore.max_steps={args.steps}",
+        f"methods.lora.max_steps={args.steps}", f"methods.full.max_steps={args.steps}",
         "methods.lora.kind=lora", "methods.full.kind=full", "methods.full.lr=1.0e-5",
-        "methods.hybrid.stages.0.max_steps=%d" % args.steps, "methods.hybrid.stages.2.max_steps=%d" % args.steps,
+        f"methods.hybrid.stages.0.max_steps={args.steps}", f"methods.hybrid.stages.2.max_steps={args.steps}",
     ]
     sets = [x for item in overrides for x in ("--set", item)]
     base = [sys.executable, "-m", "peftlab"]
