@@ -67,11 +67,7 @@ class TargetTokenTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         causal_lm = _unwrap(model)
-        # Through the (DDP / PEFT) wrapper, so data-parallel gradient sync is armed; the model's own
-        # head runs on one position only, and its last hidden state is the final-norm output.
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = outputs.hidden_states[-1]
+        hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
         targets = labels[:, 1:]
         keep = targets != -100
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
@@ -84,6 +80,25 @@ class TargetTokenTrainer(Trainer):
             # `count` is the token count of all ranks, and DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+
+def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final-norm output, i.e. what the vocabulary projection reads.
+
+    A single process calls the decoder directly. Under DistributedDataParallel the call must go
+    through the wrapper (its forward arms the gradient all-reduce), so the model runs with its head
+    on one position only and a hook on the final norm keeps that norm's full output.
+    """
+    decoder = causal_lm.get_decoder()
+    if getattr(model, "module", None) is None or not hasattr(decoder, "norm"):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    captured: list[torch.Tensor] = []
+    handle = decoder.norm.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def _unwrap(model):
