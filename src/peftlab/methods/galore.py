@@ -5,6 +5,8 @@ inside backward, one parameter at a time, so no full gradient set is ever held).
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from peftlab.errors import UserError
@@ -48,6 +50,8 @@ def build(ctx: BuildContext) -> Recipe:
     settings = ctx.method.galore
     notes = {"galore_targets": len(target_parameter_names(model, settings.targets))}
     if settings.variant == "layerwise":
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError("galore.variant layerwise is single-GPU (its updates run inside backward); use adamw with --gpus")
         if ctx.method.grad_accum != 1:
             raise UserError("galore.variant layerwise updates inside backward: set grad_accum: 1 for this method")
         # transformers builds the per-parameter optimizers and their hooks for this optim name.
