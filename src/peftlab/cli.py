@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(evaluate)
     evaluate.add_argument("--model", required=True, help="base, a trained method, or ensemble")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
+    evaluate.add_argument("--gpus", type=int, default=1, help="shard generation over N processes (torchrun)")
 
     score = commands.add_parser("score", help="score a JSONL file of prediction/reference rows")
     score.add_argument("file", type=Path)
@@ -105,6 +106,9 @@ def run_command(args: argparse.Namespace) -> int:
         run_train(config, run_dir, args.method, resume=args.resume)
     elif args.command == "evaluate":
         from peftlab.workflow import run_evaluate
+
+        if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_distributed(args.gpus)
 
         config, run_dir = _load(args)
         run_evaluate(config, run_dir, args.model, limit=args.limit)

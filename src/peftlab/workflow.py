@@ -66,6 +66,8 @@ def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int |
     if not (run_dir / "data" / "test.jsonl").exists():
         raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
     metrics = evaluate_model(config, run_dir, model, limit=limit)
+    if not metrics:  # a non-zero rank of a sharded evaluation
+        return metrics
     speed = metrics["generation"]
     say(f"{model}: BLEU-4 {metrics['bleu4']:.4f} [{metrics['bleu4_ci'][0]:.4f}, {metrics['bleu4_ci'][1]:.4f}]"
         f"  ROUGE-L {metrics['rougeL']:.4f} [{metrics['rougeL_ci'][0]:.4f}, {metrics['rougeL_ci'][1]:.4f}]"

@@ -50,3 +50,20 @@ def test_two_processes_match_one_with_the_same_effective_batch(prepared):
     expected = [p["loss"] for p in single["loss_curve"]]
     assert len(ours) == 3 and ours == pytest.approx(expected, rel=1e-4)
     assert (prepared / "two" / "train" / "lora" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_sharded_evaluation_gathers_predictions_in_order(prepared):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for gpus in (1, 2):
+        out = prepared / f"eval{gpus}"
+        out.mkdir(exist_ok=True)
+        if not (out / "data").exists():
+            (out / "data").symlink_to(prepared / "data")
+        done = subprocess.run([sys.executable, "-m", "peftlab", "evaluate", "smoke", "--model", "base", "--out",
+                               str(out), "--gpus", str(gpus)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[gpus] = (out / "eval" / "base" / "predictions.jsonl").read_text()
+        metrics = json.loads((out / "eval" / "base" / "metrics.json").read_text())
+        assert metrics["generation"]["processes"] == gpus and metrics["n"] == 12
+    assert outs[1] == outs[2]

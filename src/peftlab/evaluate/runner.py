@@ -63,12 +63,21 @@ def _limited(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, An
 
 
 def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str):
+    """Generate for every example; under torchrun each process takes every N-th row and the outputs
+    are gathered back into the original order on every process."""
     device = device_name()
+    rank, world = _rank_world()
+    mine = list(range(rank, len(examples), world))
     started = time.perf_counter()
-    outputs = generate_all(decode, tokenizer, [e.prompt for e in examples], config.evaluate.batch_size,
+    outputs = generate_all(decode, tokenizer, [examples[i].prompt for i in mine], config.evaluate.batch_size,
                            device, desc=desc)
     if device == "cuda":
         torch.cuda.synchronize()
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, list(zip(mine, outputs, strict=True)))
+        ordered = dict(pair for part in gathered for pair in part)
+        outputs = [ordered[i] for i in range(len(examples))]
     seconds = time.perf_counter() - started
     tokens = sum(count for _, count in outputs)
     speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
@@ -99,10 +108,29 @@ def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[
             "select_by": ensemble.select_by, "validation_rows": len(examples), "validation": trials}
 
 
+def _rank_world() -> tuple[int, int]:
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _init_distributed(device: str) -> None:
+    """Under torchrun: one GPU per process and a process group for gathering predictions."""
+    import os
+
+    _, world = _rank_world()
+    if world == 1 or torch.distributed.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+
+
 def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int | None = None) -> dict[str, Any]:
     limit = limit if limit is not None else config.evaluate.limit
     examples = examples_from_rows(_limited(read_split(run_dir, "test"), limit))
     device = device_name()
+    _init_distributed(device)
     tokenizer = load_tokenizer(config.model)
     extra: dict[str, Any] = {}
     if name == "ensemble":
@@ -118,6 +146,10 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
         model = load_eval_model(config, run_dir, name, device)
         decode = hf_greedy(model, tokenizer, config.evaluate.max_new_tokens)
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
+    rank, world = _rank_world()
+    if rank != 0:
+        return {}
+    speed["processes"] = world
     metrics = {"model": name, "limit": limit, **_score(config, examples, outputs), "generation": speed, **extra}
     with atomic_dir(run_dir / "eval" / name) as out:
         with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
