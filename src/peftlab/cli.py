@@ -26,7 +26,12 @@ def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="peftlab",
+        description="Comparative parameter-efficient fine-tuning studies (QLoRA, GaLore, hybrid, ensemble):"
+        " one YAML per study, honest numbers, a report with tables and plots.",
+        epilog="Run `peftlab study` for the built-in demo; `peftlab COMMAND --help` for each command.",
+    )
     parser.add_argument("--version", action="version", version=f"peftlab {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
