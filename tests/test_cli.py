@@ -116,3 +116,11 @@ def test_score_prints_json(capsys, tmp_path):
     path.write_text('{"prediction": "x"}\n')
     line = _error_line(*_run(capsys, "score", path))
     assert "line 1" in line and "reference" in line
+
+
+def test_train_without_a_logged_loss_still_reports(capsys, tmp_path, gemma_tokenizer):
+    assert main(["prepare", "smoke", "--out", str(tmp_path)]) == 0
+    code = main(["train", "smoke", "--method", "galore", "--out", str(tmp_path),
+                 "--set", "methods.galore.max_steps=2", "--set", "methods.galore.logging_steps=5"])
+    assert code == 0
+    assert "final loss n/a" in capsys.readouterr().err

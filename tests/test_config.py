@@ -110,3 +110,25 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         load_config(str(bad))
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         load_config("seed", ["data.seed"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.seed=-1", "data.seed must not be negative"),
+    ("methods.qlora.optimizer=adamw", "unknown optimizer 'adamw'"),
+    ("methods.qlora.lora.target_modules=[]", "name at least one module"),
+    ("evaluate.bootstrap_samples=0", "bootstrap_samples must be at least 1"),
+    ("evaluate.ensemble.validation_limit=0", "validation_limit must be at least 1"),
+    ("methods.hybrid.stages.0.max_steps=0", "max_steps >= 1"),
+])
+def test_values_that_would_crash_later_are_rejected_up_front(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("smoke", [override])
+
+
+def test_a_stage_with_epochs_ignores_the_methods_step_cap():
+    from peftlab.train.runner import stage_method
+
+    config = load_config("demo")
+    assert config.method("qlora").max_steps == 12
+    stage = stage_method(config, "qlora", 2.0, None)
+    assert (stage.epochs, stage.max_steps) == (2.0, -1)

@@ -397,6 +397,8 @@ def validate(config: StudyConfig) -> None:
             raise UserError(f"data.sources.{i}.name: use letters, digits, '-' and '_' only, got {source.name!r}")
         if names.count(source.name) > 1:
             raise UserError(f"data.sources.{i}.name: duplicate source name '{source.name}'")
+    if data.seed < 0:
+        raise UserError(f"data.seed must not be negative, got {data.seed}")
     if config.prepare.validation_per_source < 0:
         raise UserError("prepare.validation_per_source must not be negative")
     reserved = {"base", "ensemble", "merge"}
@@ -415,6 +417,13 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{where}.{key} must be at least 1, got {value}")
+    if method.seed < 0:
+        raise UserError(f"{where}.seed must not be negative, got {method.seed}")
+    if not method.lora.target_modules:
+        raise UserError(f"{where}.lora.target_modules: name at least one module, e.g. q_proj")
+    if not method.galore.targets:
+        raise UserError(f"{where}.galore.targets: name at least one module-name substring, e.g. attn")
+    _validate_optimizer(method.optimizer, f"{where}.optimizer")
     if method.lr <= 0:
         raise UserError(f"{where}.lr must be positive, got {method.lr}")
     if method.epochs <= 0 and method.max_steps <= 0:
@@ -429,12 +438,26 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         raise UserError(f"{where}.stages: only methods of kind 'hybrid' have stages")
 
 
+def _validate_optimizer(name: str, where: str) -> None:
+    if name == "auto":
+        return
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else " (auto, or a transformers optim name: adamw_torch, ...)"
+        raise UserError(f"{where}: unknown optimizer '{name}'{hint}")
+
+
 def _validate_stages(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:
     if not method.stages:
         raise UserError(f"{where}.stages: a hybrid needs a list of stages, e.g. qlora, merge, galore")
     trains_adapters = False
     for i, stage in enumerate(method.stages):
         at = f"{where}.stages.{i}"
+        if (stage.epochs is not None and stage.epochs <= 0) or (stage.max_steps is not None and stage.max_steps < 1):
+            raise UserError(f"{at}: epochs must be > 0 and max_steps >= 1 when given")
         if stage.method == "merge":
             if not trains_adapters:
                 raise UserError(f"{at}: 'merge' must follow a qlora or lora stage")
@@ -458,6 +481,10 @@ def _validate_evaluate(config: StudyConfig) -> None:
     ev = config.evaluate
     if ev.max_new_tokens < 1 or ev.batch_size < 1:
         raise UserError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1")
+    if ev.bootstrap_samples < 1:
+        raise UserError(f"evaluate.bootstrap_samples must be at least 1, got {ev.bootstrap_samples}")
+    if ev.ensemble.validation_limit is not None and ev.ensemble.validation_limit < 1:
+        raise UserError("evaluate.ensemble.validation_limit must be at least 1 (or null for all rows)")
     if ev.limit is not None and ev.limit < 1:
         raise UserError(f"evaluate.limit must be at least 1 (or null for all rows), got {ev.limit}")
     known = {"base", *config.methods}

@@ -51,7 +51,8 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
         return metrics
     peak = metrics["peak_gpu_alloc_gib"]
     memory = f"peak GPU {peak:.2f} GiB" if peak is not None else f"peak RSS {metrics['peak_rss_gib']:.2f} GiB (CPU)"
-    say(f"{method}: {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f},"
+    final_loss = "n/a" if metrics["final_loss"] is None else f"{metrics['final_loss']:.4f}"
+    say(f"{method}: {metrics['optimizer_steps']} steps, final loss {final_loss},"
         f" {metrics['train_time_s']:.1f} s, {metrics['tokens_per_s']:.0f} tokens/s, {memory}")
     return metrics
 

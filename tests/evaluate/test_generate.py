@@ -46,6 +46,10 @@ def test_prediction_is_the_generated_ids_only(gemma_tokenizer):
     assert all(count == len(answer) for _, count in outputs)
 
 
+def test_no_prompts_no_work(gemma_tokenizer):
+    assert generate_all(lambda ids, mask: ids, gemma_tokenizer, [], batch_size=2, device="cpu") == []
+
+
 def test_batches_are_length_sorted_and_order_is_restored():
     assert length_sorted_batches([3, 9, 5, 9], 2) == [[1, 3], [2, 0]]
     assert cut_at_stop([5, 6, 1, 7], [1]) == [5, 6]

@@ -109,6 +109,8 @@ def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind):
     ours = [p["loss"] for p in resumed["loss_curve"]]
     expected = [p["loss"] for p in whole["loss_curve"]]
     assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert resumed["tokens_trained"] == whole["tokens_trained"]  # totals survive the interruption
+    assert resumed["train_loss_mean"] == pytest.approx(whole["train_loss_mean"], rel=1e-5)
 
 
 def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):

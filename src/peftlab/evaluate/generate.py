@@ -75,6 +75,8 @@ BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
                  device, desc: str = "generate") -> list[tuple[str, int]]:
     """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; return (text, count) in order."""
+    if not prompts:  # a process of a sharded run can get no rows
+        return []
     encoded = encode_prompts(tokenizer, prompts)
     stops = stop_token_ids(tokenizer)
     results: list[tuple[str, int]] = [("", 0)] * len(prompts)

@@ -52,6 +52,12 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
     rank, world = distributed_rank_world()
     hybrid = config.method(name)
     out = run_dir / "train" / name
+    if not resume and rank == 0 and out.exists():
+        shutil.rmtree(out)  # a fresh run never reuses stages of an earlier config
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()
     started = time.perf_counter()
     source: str | None = None  # None = the model that `model:` names
     adapters: Path | None = None

@@ -151,6 +151,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         seed=method.seed,
         data_seed=method.seed,
         train_sampling_strategy=method.sampling,
+        include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
         bf16=device == "cuda" and dtype == torch.bfloat16,
         gradient_checkpointing=method.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -222,7 +223,7 @@ def train_method(
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
         raise KeyboardInterrupt  # simulated interruption: checkpoints are kept, nothing is final
 
-    tokens = int(trainer.tokens_seen.item()) if trainer.tokens_seen is not None else 0
+    tokens = int(trainer.tokens_seen.item()) if trainer.tokens_seen is not None else 0  # this segment
     ranks = _gather_ranks({"rank": rank, "tokens_trained": tokens, "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
                            "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib, "peak_rss_gib": loop.peak_rss_gib},
                           world)
@@ -231,6 +232,7 @@ def train_method(
     if rank != 0:
         del trainer, recipe
         release_memory()
+        torch.distributed.barrier()  # rank 0 is writing final/: the next stage reads it
         return {}
     _write_loss_csv(out / "loss.csv", losses)
     with atomic_dir(out / "final") as final:
@@ -253,7 +255,8 @@ def train_method(
         "model_load_s": load_seconds,
         "data_load_s": data_seconds,
         "train_time_s": loop.seconds,
-        "tokens_trained": tokens,
+        # The whole run's tokens (restored on resume); time and tokens/s cover this process's segment.
+        "tokens_trained": int(trainer.state.num_input_tokens_seen or tokens),
         "tokens_per_s": tokens / loop.seconds if loop.seconds > 0 else None,
         "optimizer_steps": trainer.state.global_step,
         **step_times.summary(),
@@ -261,7 +264,7 @@ def train_method(
         "trainable_params": trainable,
         "total_params": total,
         "final_loss": losses[-1]["loss"] if losses else None,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": sum(e["loss"] for e in losses) / len(losses) if losses else result.training_loss,
         "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in losses],
         "rows": len(dataset),
         "method_config": asdict(method),
@@ -271,6 +274,8 @@ def train_method(
     write_json(out / "metrics.json", metrics)
     del trainer, recipe
     release_memory()
+    if world > 1:
+        torch.distributed.barrier()
     return metrics
 
 
@@ -344,6 +349,7 @@ def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | No
     changes: dict[str, Any] = {}
     if epochs is not None:
         changes["epochs"] = epochs
+        changes["max_steps"] = -1  # the stage's epochs win over the method's own step cap
     if max_steps is not None:
         changes["max_steps"] = max_steps
     return replace(base, **changes)
