@@ -142,7 +142,9 @@ def random_model_dir(config_path: str, seed: int) -> Path:
 
     raw = read_model_config(config_path)
     key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_root() / "random" / f"{key}-seed{seed}"
+    from peftlab.builtin_gemma import peftlab_cache_dir
+
+    target = peftlab_cache_dir() / "random" / f"{key}-seed{seed}"
     if (target / "config.json").exists():
         return target
     try:
@@ -161,12 +163,6 @@ def random_model_dir(config_path: str, seed: int) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(temp, ignore_errors=True)
     return target
-
-
-def cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
 
 
 def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = None,

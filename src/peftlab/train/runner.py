@@ -7,7 +7,6 @@ format, safetensors), `loss.csv`, and `metrics.json` last, which marks the metho
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import time
@@ -353,8 +352,3 @@ def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | No
     if max_steps is not None:
         changes["max_steps"] = max_steps
     return replace(base, **changes)
-
-
-def load_metrics(run_dir: Path, name: str) -> dict[str, Any] | None:
-    path = run_dir / "train" / name / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
