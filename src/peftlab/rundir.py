@@ -68,21 +68,27 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file the project wrote; a corrupt line is a user error naming the line."""
+def jsonl_objects(text: str, label: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line; a bad line is a user error naming it."""
     from peftlab.errors import UserError
 
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number}: malformed JSON ({exc.msg})") from None
-        if isinstance(row, dict):
-            rows.append(row)
+            raise UserError(f"{label} line {number}: malformed JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{label} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file the project wrote."""
+    return [row for _, row in jsonl_objects(path.read_text(encoding="utf-8"), str(path))]
 
 
 def package_versions() -> dict[str, str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from peftlab.config import SourceConfig, expand_path
 from peftlab.errors import UserError
+from peftlab.rundir import jsonl_objects
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 DEMO_SCHEMAS = ("alpaca", "tulu", "ultrachat")
@@ -104,21 +105,10 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def _parse_jsonl(raw: bytes, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    rows, lines = [], []
-    for number, line in enumerate(_decode(raw, path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-        lines.append(number)
-    if not rows:
+    numbered = jsonl_objects(_decode(raw, path), str(path))
+    if not numbered:
         raise UserError(f"{path}: no rows")
-    return rows, lines
+    return [row for _, row in numbered], [number for number, _ in numbered]
 
 
 def _parse_json_array(raw: bytes, path: Path) -> list[dict[str, Any]]:
