@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--samples", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--methods", default="lora,full,qlora")
+    parser.add_argument("--methods", default="lora,full,qlora,galore")
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/peftlab-ddp"))
     args = parser.parse_args()
     s = args.samples
@@ -32,7 +32,7 @@ def main() -> int:
         f"data.sources.2.path={s}/ultrachat_200k/ultrachat_800.jsonl",
         "data.max_seq_length=1024", "train.save_steps=100000",
         "methods.lora.kind=lora", "methods.full.kind=full", "methods.full.lr=1.0e-5",
-    ] + [f"methods.{m}.max_steps={args.steps}" for m in ("lora", "full", "qlora")]
+    ] + [f"methods.{m}.max_steps={args.steps}" for m in ("lora", "full", "qlora", "galore")]
     flags = [x for item in sets for x in ("--set", item)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "peftlab"]

@@ -34,3 +34,35 @@ def test_flops_formula():
     assert flops_per_token(shape, 1000, False, 10) == 4 * 1000 + 12 * 2 * 4 * 8 * 10
     assert "n/a" in format_table([{"method": "lora", "profile": "fast", "tokens_per_s": 1.0, "mfu": None,
                                    "peak_alloc_gib": None, "peak_reserved_gib": None, "step_s_median": 1.0}])
+
+
+def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer):
+    out = tmp_path / "gen.json"
+    assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
+                 "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == 10 and [r["run"] for r in report["runs"]] == ["plain", "ours", "ours-static"]
+    plain, ours, static = report["runs"]
+    assert plain["batch"] == 64 and ours["batch"] == 4
+    # fp32 on CPU: batching and padding must not change a greedy token.
+    assert ours["identical_rows"] == 10 and static["identical_rows"] == 10
+    assert all(r["generated_tokens"] > 0 and r["tokens_per_s"] > 0 for r in report["runs"])
+    assert report["differing_rows_fp32"] == []
+
+
+def test_near_tie_gaps_scores_the_first_difference():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.bench_generate import near_tie_gaps
+    from peftlab.models import read_model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3")))
+    prompt = [[2, 10, 11]]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt[0] + [5]])).logits[0, -1]
+    gaps = near_tie_gaps(model, None, prompt, [[5, 7, 8]], [[5, 9, 8]], "cpu")
+    assert len(gaps) == 1 and gaps[0]["position"] == 1
+    assert abs(gaps[0]["plain_minus_ours"] - float(logits[7] - logits[9])) < 1e-4
+    assert near_tie_gaps(model, None, prompt, [[5]], [[5]], "cpu") == []

@@ -6,8 +6,10 @@ reference does, an effective batch of 16 rows per optimizer step. Each run is a 
 (`python -m peftlab.bench --worker SPEC.json`) so peak-memory counters never mix.
 
 Profiles of ours (all with the study's hyperparameters and effective batch):
-- `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches.
-- `lowmem`: the study's settings: 4 rows x 4 accumulation, checkpointing, max_seq_length 2048.
+- `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
+  logits 1,024 tokens at a time.
+- `lowmem`: the study's max_seq_length 2048 and effective batch 16 as 1 row x 16 accumulation,
+  checkpointing, vocabulary logits 64 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -39,10 +41,13 @@ STUDY_HYPERPARAMETERS = {
     "full": {"lr": 1e-5, "max_grad_norm": 1.0, "optimizer": "adamw_torch"},
 }
 PROFILES = {
-    "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length"},
-    "lowmem": {"batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "sampling": "random",
-               "max_seq_length": 2048},
+    "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
+             "loss_chunk_tokens": 1024},
+    "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
+               "loss_chunk_tokens": 64, "max_seq_length": 2048},
 }
+# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits.
+METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}}}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
@@ -86,6 +91,8 @@ def workload_config(spec: BenchSpec):
     if spec.method == "galore":
         method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
                             "targets": ["attn", "mlp"]}
+    for key, value in METHOD_PROFILE.get((spec.method, spec.profile), {}).items():
+        method[key] = {**method.get(key, {}), **value}
     rows = spec.rows_per_source
     raw = {
         "name": "bench",

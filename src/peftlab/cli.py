@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows-per-source", type=int, default=190)
     bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
     bench.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    bench.add_argument("--generation", action="store_true",
+                       help="time greedy decoding instead: plain generate (batch 64) vs the evaluator's path")
+    bench.add_argument("--model", default=None,
+                       help="--generation: real weights to decode with (default: random weights of --shape)")
+    bench.add_argument("--prompts", type=int, default=320, help="--generation: prompts from the workload")
+    bench.add_argument("--max-new-tokens", type=int, default=256, help="--generation: tokens per prompt")
+    bench.add_argument("--batch", type=int, default=320, help="--generation: rows per batch of our path")
+    bench.add_argument("--static-cache", action="store_true",
+                       help="--generation: also time our path with a static KV cache (compiled decoding step)")
 
     demo = commands.add_parser("demo-data", help="write the built-in demo dataset files")
     demo.add_argument("--out", type=Path, required=True)
@@ -129,6 +138,10 @@ def run_command(args: argparse.Namespace) -> int:
 
         config, run_dir = _load(args)
         run_study(config, run_dir)
+    elif args.command == "bench" and args.generation:
+        report = _generation_bench(args)
+        if args.out is None:
+            print(json.dumps(report, indent=2))
     elif args.command == "bench":
         from peftlab.bench import run_bench
 
@@ -145,6 +158,27 @@ def run_command(args: argparse.Namespace) -> int:
         for schema, path in write_demo_files(args.out, args.rows).items():
             print(f"{schema}: {path}")
     return 0
+
+
+def _generation_bench(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from peftlab.bench_generate import run_generation_bench
+    from peftlab.rundir import write_json
+
+    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:
+        report = run_generation_bench(
+            shape=None if args.model else args.shape, model_name=args.model or args.tokenizer,
+            tokenizer=args.tokenizer, data_dir=args.data, rows_per_source=args.rows_per_source,
+            prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
+            static=args.static_cache, work=Path(work),
+        )
+    if args.out is not None:
+        write_json(args.out, report)
+    return report
 
 
 def launch_distributed(processes: int) -> int:

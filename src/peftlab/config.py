@@ -126,6 +126,8 @@ class MethodConfig:
     optimizer: str = "auto"
     # Batches of similar-length rows (less padding); `random` keeps the study's plain shuffle.
     sampling: Literal["random", "group_by_length", "sequential"] = "random"
+    # Vocabulary logits are computed this many target tokens at a time (memory: tokens x vocab x ~10 bytes).
+    loss_chunk_tokens: int = 256
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
@@ -412,6 +414,7 @@ def validate(config: StudyConfig) -> None:
 
 def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:
     positive = {"batch_size": method.batch_size, "grad_accum": method.grad_accum, "logging_steps": method.logging_steps,
+                "loss_chunk_tokens": method.loss_chunk_tokens,
                 "save_steps": method.save_steps, "lora.r": method.lora.r, "galore.rank": method.galore.rank,
                 "galore.update_proj_gap": method.galore.update_proj_gap}
     for key, value in positive.items():

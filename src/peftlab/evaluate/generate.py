@@ -72,33 +72,40 @@ def cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
 BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
-                 device, desc: str = "generate") -> list[tuple[str, int]]:
-    """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; return (text, count) in order."""
-    if not prompts:  # a process of a sharded run can get no rows
-        return []
-    encoded = encode_prompts(tokenizer, prompts)
-    stops = stop_token_ids(tokenizer)
-    results: list[tuple[str, int]] = [("", 0)] * len(prompts)
+def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[int]], pad_id: int,
+                       stops: Sequence[int], batch_size: int, device, desc: str = "generate") -> list[list[int]]:
+    """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order."""
+    results: list[list[int]] = [[] for _ in encoded]
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
-        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+        ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
         new_tokens = decode_batch(ids, mask).tolist()
         for row, index in enumerate(batch):
-            tokens = cut_at_stop(new_tokens[row], stops)
-            results[index] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens))
+            results[index] = cut_at_stop(new_tokens[row], stops)
     return results
 
 
-def hf_greedy(model, tokenizer, max_new_tokens: int) -> BatchDecoder:
-    """Plain `model.generate`, greedy; returns only the tokens after the prompt."""
+def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
+                 device, desc: str = "generate") -> list[tuple[str, int]]:
+    """Generate for every prompt; return (decoded text, generated token count) in the prompts' order."""
+    if not prompts:  # a process of a sharded run can get no rows
+        return []
+    tokens = generate_token_ids(decode_batch, encode_prompts(tokenizer, prompts), tokenizer.pad_token_id,
+                                stop_token_ids(tokenizer), batch_size, device, desc)
+    return [(tokenizer.decode(t, skip_special_tokens=True).strip(), len(t)) for t in tokens]
+
+
+def hf_greedy(model, tokenizer, max_new_tokens: int, static_cache: bool = False) -> BatchDecoder:
+    """Plain `model.generate`, greedy; returns only the tokens after the prompt. `static_cache` lets
+    transformers compile the decoding step (worth it for long runs on a GPU)."""
     stops = stop_token_ids(tokenizer)
+    extra = {"cache_implementation": "static"} if static_cache else {}
 
     @torch.inference_mode()
     def decode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None,
+            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None, **extra,
         )
         return out[:, ids.shape[1]:]
 

@@ -4,7 +4,7 @@ paged 8-bit AdamW; only the adapters train (report section 5, Appendix A)."""
 from __future__ import annotations
 
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model
 from transformers import BitsAndBytesConfig
 
 from peftlab.methods import BuildContext, Recipe
@@ -26,6 +26,18 @@ def quantization_config(ctx: BuildContext) -> tuple[BitsAndBytesConfig, torch.dt
     return config, compute
 
 
+def freeze_base(model, gradient_checkpointing: bool):
+    """peft's `prepare_model_for_kbit_training` minus its upcast of every non-quantised weight to fp32:
+    that upcast makes the 262k x 1152 tied embedding 1.2 GB instead of 0.6 GB and computes the
+    vocabulary logits from fp32 weights. The LoRA weights are still fp32 (peft's adapter autocast),
+    RMSNorm computes in fp32 internally, and the Trainer turns checkpointing on."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
 def build(ctx: BuildContext) -> Recipe:
     try:
         import bitsandbytes  # noqa: F401
@@ -36,11 +48,7 @@ def build(ctx: BuildContext) -> Recipe:
     config, compute = quantization_config(ctx)
     model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source,
                        quantization_config=config)
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=ctx.method.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    model = freeze_base(model, ctx.method.gradient_checkpointing)
     model = get_peft_model(model, lora_config(ctx.method.lora))
     optim = "paged_adamw_8bit" if ctx.method.optimizer == "auto" else ctx.method.optimizer
     return Recipe(model=model, optim=optim, saves="adapter", notes={"compute_dtype": str(compute).removeprefix("torch.")})

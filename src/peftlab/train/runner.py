@@ -27,14 +27,11 @@ from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
 from peftlab.train.batches import PadCollator, TokenizedRows
 from peftlab.train.meter import StepTimes, measure
 
-# Vocabulary logits are computed this many at a time (128M floats: 512 MB in fp32 at any vocabulary).
-LOGIT_CHUNK_ELEMENTS = 1 << 27
 
-
-def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None) -> torch.Tensor:
-    """Summed cross-entropy of `targets` given final hidden states, in chunks that are recomputed in
-    backward, so the (tokens x vocabulary) logits never exist all at once."""
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // lm_head.out_features)
+def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None,
+                          chunk: int = 256) -> torch.Tensor:
+    """Summed cross-entropy of `targets` given final hidden states, `chunk` tokens at a time, each chunk
+    recomputed in backward, so the (tokens x vocabulary) logits never exist all at once."""
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -62,6 +59,7 @@ class TargetTokenTrainer(Trainer):
     """
 
     tokens_seen: torch.Tensor | None = None
+    loss_chunk_tokens: int = 256
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -70,7 +68,8 @@ class TargetTokenTrainer(Trainer):
         targets = labels[:, 1:]
         keep = targets != -100
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap)
+        loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
+                                     self.loss_chunk_tokens)
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         seen = inputs["attention_mask"].sum()
         self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
@@ -174,6 +173,7 @@ def train_method(
     out: Path | None = None,
     source: str | None = None,
     stop_after: int | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
     """Train `name` (or an explicit `method` config, for hybrid stages) and return its metrics."""
     method = method or config.method(name)
@@ -215,8 +215,9 @@ def train_method(
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         optimizers=(recipe.optimizer, None),
-        callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else [])],
+        callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else []), *(callbacks or [])],
     )
+    trainer.loss_chunk_tokens = method.loss_chunk_tokens
     with measure() as loop:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop_after and trainer.state.global_step < trainer.state.max_steps:

@@ -1,0 +1,113 @@
+"""Where the time and memory of a `peftlab bench` run go: torch.profiler over a few optimizer steps.
+
+For each METHOD:PROFILE it trains the bench workload (Gemma-3-1B shape, random weights) for
+`--steps` steps, profiles steps 3..steps, and writes: GPU busy time vs wall time (how much of the
+step the GPU is idle, i.e. launch/Python bound), the top operators by GPU and by CPU time, and
+the memory at the start of training (weights + optimizer setup) vs the peak.
+
+Usage (GPU machine, repository root):
+    python benchmarks/profile_train.py --data DIR --tokenizer DIR --out OUT.json qlora:fast galore:fast qlora:lowmem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class ProfileSteps(TrainerCallback):
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.profiler = None
+        self.started = 0.0
+        self.wall = 0.0
+        self.memory_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.memory_at_start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            _sync()
+            self.profiler.start()
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.last:
+            _sync()
+            self.wall = time.perf_counter() - self.started
+            self.profiler.stop()
+
+
+def top_ops(profiler, key: str, count: int = 20) -> list[dict]:
+    rows = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:count]
+    return [{"op": e.key, "calls": e.count, "self_gpu_ms": e.self_device_time_total / 1e3,
+             "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows]
+
+
+def profile_one(method: str, profile: str, args) -> dict:
+    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.train import runner
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-profile-") as work:
+        spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
+                         args.steps, work)
+        config, run_dir = prepare_workload(spec)
+        callback = ProfileSteps(3, args.steps)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
+    events = callback.profiler.events() if callback.profiler else []
+    gpu_busy_ms = sum(e.self_device_time_total for e in callback.profiler.key_averages()) / 1e3 if events else 0
+    steps = args.steps - 2
+    return {
+        "method": method, "profile": profile, "profiled_steps": steps,
+        "wall_ms_per_step": callback.wall * 1e3 / steps, "gpu_busy_ms_per_step": gpu_busy_ms / steps,
+        "gpu_busy_fraction": gpu_busy_ms / (callback.wall * 1e3) if callback.wall else None,
+        "memory_at_train_start_gib": callback.memory_at_start / 2**30,
+        "peak_alloc_gib": metrics["peak_gpu_alloc_gib"], "tokens_per_s": metrics["tokens_per_s"],
+        "top_gpu_ops": top_ops(callback.profiler, "self_device_time_total"),
+        "top_cpu_ops": top_ops(callback.profiler, "self_cpu_time_total"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", help="METHOD:PROFILE, e.g. qlora:fast")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--shape", default="builtin:gemma-3-1b")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
+    for item in args.runs:
+        method, profile = item.split(":")
+        try:
+            report["runs"].append(profile_one(method, profile, args))
+        except Exception as exc:
+            report["runs"].append({"method": method, "profile": profile, "error": f"{type(exc).__name__}: {exc}"[:400]})
+        args.out.write_text(json.dumps(report, indent=2))
+        last = report["runs"][-1]
+        print(json.dumps({k: last.get(k) for k in ("method", "profile", "wall_ms_per_step", "gpu_busy_fraction",
+                                                    "memory_at_train_start_gib", "peak_alloc_gib", "error")}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

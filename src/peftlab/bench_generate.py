@@ -1,0 +1,155 @@
+"""`peftlab bench --generation`: greedy decoding speed of the evaluation path against plain `generate`.
+
+Workload (BASELINE.md): the first `prompts` rows of the bench workload, each rendered up to its last
+model turn, greedy, `max_new_tokens` 256, bf16, SDPA. Runs:
+
+- `plain`: `model.generate` on batches of 64 in the workload's order (the study's setting);
+- `ours`: the evaluator's path (`peftlab.evaluate.generate.generate_all`): length-sorted, left-padded
+  batches of `batch` rows, stopping at `<end_of_turn>`/EOS;
+- `ours-static` (with `static=True`): the same with a static KV cache, which lets transformers
+  compile the decoding step (CUDA graphs); compile time is inside the measured wall time.
+
+Tokens/s = generated tokens (cut at the first stop token) / wall time of the decoding loop.
+Agreement = rows whose generated tokens equal plain's exactly. For each differing row the two
+candidate tokens at the first difference are scored by the model in fp32 on the shared prefix:
+their logit gap says whether the split is a near-tie that bf16 rounding can flip.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.bench import BenchSpec, default_sources, prepare_workload
+from peftlab.data.chat import render_prompt
+from peftlab.data.prepare import read_split
+from peftlab.evaluate.generate import (
+    cut_at_stop,
+    encode_prompts,
+    generate_token_ids,
+    hf_greedy,
+    left_pad,
+    stop_token_ids,
+)
+
+PLAIN_BATCH = 64
+
+
+def workload_prompts(spec: BenchSpec, count: int) -> tuple[Any, list[str]]:
+    config, run_dir = prepare_workload(spec)
+    rows = read_split(run_dir, "train")[:count]
+    return config, [render_prompt(row["messages"]) for row in rows]
+
+
+def _timed(fn) -> tuple[Any, float, float]:
+    """(result, seconds, peak allocated GiB) of `fn()` with the peak counter reset first."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return result, seconds, peak
+
+
+def plain_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, device) -> list[list[int]]:
+    """The study's loop: batches of 64 in order, `generate`, tokens after the prompt, cut at a stop."""
+    decode = hf_greedy(model, tokenizer, max_new_tokens)
+    stops = stop_token_ids(tokenizer)
+    out: list[list[int]] = []
+    for start in range(0, len(encoded), PLAIN_BATCH):
+        ids, mask = left_pad(encoded[start:start + PLAIN_BATCH], tokenizer.pad_token_id, device)
+        out.extend(cut_at_stop(row, stops) for row in decode(ids, mask).tolist())
+    return out
+
+
+def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
+                  static: bool) -> list[list[int]]:
+    """The evaluator's path: length-sorted batches of `batch` rows."""
+    decode = hf_greedy(model, tokenizer, max_new_tokens, static_cache=static)
+    return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
+                              desc="ours")
+
+
+def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[int]], ours: list[list[int]],
+                  device, limit: int = 40) -> list[dict[str, Any]]:
+    """fp32 logit gap between plain's and ours' token at the first difference, for differing rows."""
+    differing = [i for i in range(len(plain)) if plain[i] != ours[i]][:limit]
+    if not differing:
+        return []
+    model32 = model.float()
+    gaps = []
+    with torch.inference_mode():
+        for index in differing:
+            a, b = plain[index], ours[index]
+            at = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+            if at >= min(len(a), len(b)):  # one stopped earlier: compare the stop with the other's token
+                gaps.append({"row": index, "position": at, "kind": "length"})
+                continue
+            prefix = torch.tensor([encoded[index] + a[:at]], device=device)
+            logits = model32(input_ids=prefix, logits_to_keep=1).logits[0, -1].float()
+            top2 = torch.topk(logits, 2).values
+            gaps.append({"row": index, "position": at, "plain_minus_ours": float(logits[a[at]] - logits[b[at]]),
+                         "top2_margin": float(top2[0] - top2[1]), "fp32_argmax_is_plain": int(logits.argmax()) == a[at]})
+    return gaps
+
+
+def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, data_dir: str | None,
+                         rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
+                         work: Path) -> dict[str, Any]:
+    from peftlab.config import ModelConfig
+    from peftlab.models import device_name, load_model, load_tokenizer
+    from peftlab.rundir import hardware, package_versions
+
+    spec = BenchSpec("lora", "fast", shape or "builtin:gemma-3-1b", tokenizer, default_sources(data_dir),
+                     rows_per_source, 1024, -1, str(work))
+    config, texts = workload_prompts(spec, prompts)
+    device = device_name()
+    tok = load_tokenizer(config.model)
+    if shape:
+        model_config = ModelConfig(name_or_path=tokenizer, config=shape, attn_implementation="sdpa")
+    else:
+        model_config = ModelConfig(name_or_path=model_name, tokenizer=tokenizer, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(model_config, device=device, dtype=dtype).eval()
+    encoded = encode_prompts(tok, texts)
+    variants = [("plain", PLAIN_BATCH, lambda: plain_generate(model, tok, encoded, max_new_tokens, device)),
+                ("ours", batch, lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False))]
+    if static:
+        variants.append(("ours-static", batch,
+                         lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
+    runs: list[dict[str, Any]] = []
+    outputs: dict[str, list[list[int]]] = {}
+    for name, rows_per_batch, fn in variants:
+        try:
+            tokens, seconds, peak = _timed(fn)
+        except Exception as exc:
+            runs.append({"run": name, "batch": rows_per_batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        outputs[name] = tokens
+        generated = sum(len(t) for t in tokens)
+        identical = sum(a == b for a, b in zip(tokens, outputs["plain"], strict=True))
+        runs.append({"run": name, "batch": rows_per_batch, "generated_tokens": generated, "seconds": seconds,
+                     "tokens_per_s": generated / seconds, "peak_alloc_gib": peak,
+                     "identical_rows": identical, "identical_fraction": identical / len(tokens)})
+        print(f"{name:<12} batch {rows_per_batch:>4}  {generated / seconds:>9.0f} tokens/s  {seconds:7.1f} s"
+              f"  identical to plain: {identical}/{len(tokens)}", file=sys.stderr, flush=True)
+    plain, ours = outputs["plain"], outputs.get("ours", outputs["plain"])
+    gaps = near_tie_gaps(model, tok, encoded, plain, ours, device)
+    margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
+    return {
+        "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
+        "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,
+        "speedup_vs_plain": {r["run"]: r["tokens_per_s"] / runs[0]["tokens_per_s"] for r in runs if "tokens_per_s" in r},
+        "versions": package_versions(), "gpu": hardware().get("gpu") or "cpu", "command": " ".join(["peftlab", *sys.argv[1:]]),
+        "differing_rows_fp32": gaps,
+        "differing_max_abs_gap_fp32": max(margins) if margins else None,
+    }
