@@ -72,7 +72,9 @@ def profile_one(method: str, profile: str, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
     events = callback.profiler.events() if callback.profiler else []
-    gpu_busy_ms = sum(e.self_device_time_total for e in callback.profiler.key_averages()) / 1e3 if events else 0
+    # Kernel rows only: operator rows carry the same device time again.
+    kernels = [e for e in callback.profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 if events else 0
     steps = args.steps - 2
     return {
         "method": method, "profile": profile, "profiled_steps": steps,

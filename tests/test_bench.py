@@ -66,3 +66,24 @@ def test_near_tie_gaps_scores_the_first_difference():
     assert len(gaps) == 1 and gaps[0]["position"] == 1
     assert abs(gaps[0]["plain_minus_ours"] - float(logits[7] - logits[9])) < 1e-4
     assert near_tie_gaps(model, None, prompt, [[5]], [[5]], "cpu") == []
+
+
+def test_profiles_keep_the_effective_batch_and_set_their_levers():
+    from peftlab.bench import BenchSpec, default_sources, workload_config
+
+    def method(kind: str, profile: str):
+        config = workload_config(BenchSpec(kind, profile, sources=default_sources(None)))
+        return config.methods[kind], config.data.max_seq_length
+
+    for kind in ("qlora", "galore", "lora"):
+        for profile in ("fast", "lowmem"):
+            settings, _ = method(kind, profile)
+            assert settings.batch_size * settings.grad_accum == 16  # the study's effective batch
+    fast, fast_len = method("qlora", "fast")
+    low, low_len = method("qlora", "lowmem")
+    assert (fast_len, low_len) == (1024, 2048)
+    assert fast.quant.compute_dtype == "bfloat16" and low.quant.compute_dtype == "float16"
+    assert not fast.gradient_checkpointing and low.gradient_checkpointing
+    assert low.loss_chunk_tokens < fast.loss_chunk_tokens
+    assert method("galore", "lowmem")[0].galore.variant == "adamw8bit"
+    assert method("galore", "fast")[0].galore.variant == "adamw"

@@ -46,8 +46,10 @@ PROFILES = {
     "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
                "loss_chunk_tokens": 64, "max_seq_length": 2048},
 }
-# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits.
-METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}}}
+# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
+# computes its 4-bit matmuls in bf16 (the model's dtype: no fp16 round trip per layer).
+METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}},
+                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}}}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.

@@ -190,7 +190,21 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
         raise UserError(f"model {path}: could not be loaded ({str(exc).splitlines()[0][:160]})") from None
     if quantization_config is None:
         loaded.to(device)
+    if device == "cuda":
+        avoid_cudnn_attention()
     return loaded
+
+
+def avoid_cudnn_attention() -> None:
+    """Route SDPA to the flash / memory-efficient kernels instead of cuDNN's.
+
+    On the H200 with torch 2.11, SDPA picked cuDNN attention, which builds an execution plan for
+    every new sequence length: 3 ms of CPU per call, 150 ms per optimizer step of a length-grouped
+    batch (benchmarks/results/h200x2-2026-11-28-profile-train.json), while its GPU time was 2 ms.
+    """
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def count_parameters(model) -> tuple[int, int]:

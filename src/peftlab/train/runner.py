@@ -204,6 +204,8 @@ def train_method(
     allow_galore_checkpoints()
     args = training_arguments(method, out, device, dtype, recipe)
     _ = args.device  # sets up the process group under torchrun / accelerate launch
+    if world == 1 and args.n_gpu > 1:
+        args._n_gpu = 1  # one process trains on one GPU; several GPUs go through --gpus (DDP), never nn.DataParallel
     checkpoint = _prepare_output(out, resume) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
@@ -218,7 +220,7 @@ def train_method(
         callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else []), *(callbacks or [])],
     )
     trainer.loss_chunk_tokens = method.loss_chunk_tokens
-    with measure() as loop:
+    with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
         raise KeyboardInterrupt  # simulated interruption: checkpoints are kept, nothing is final
@@ -277,6 +279,22 @@ def train_method(
     if world > 1:
         torch.distributed.barrier()
     return metrics
+
+
+def adapter_inputs_uncast(model, autocast_bf16: bool):
+    """Under bf16 autocast, stop PEFT from casting every adapter input to the adapters' fp32.
+
+    Autocast runs the adapter matmuls in bf16 anyway, so that cast only adds two copies of each
+    adapted layer's input per step (fp32 copies were 12% of QLoRA's GPU time in the H200 profile).
+    Without autocast (CPU, fp32) it changes nothing and is left off.
+    """
+    from contextlib import nullcontext
+
+    if not autocast_bf16 or not hasattr(model, "peft_config"):
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def _gather_ranks(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:
