@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--gpus", type=int, default=1,
                        help="data-parallel processes (DDP through torchrun); same as `torchrun --nproc_per_node N -m peftlab train ...`")
+    train.add_argument("--fsdp", action="store_true",
+                       help="with --gpus N: shard weights, gradients and optimizer states (FSDP2) instead of DDP;"
+                            " lora, qlora and full")
 
     evaluate = commands.add_parser("evaluate", help="generate on the test split and score")
     _add_config(evaluate)
@@ -118,7 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
             return launch_distributed(args.gpus)
 
         config, run_dir = _load(args)
-        run_train(config, run_dir, args.method, resume=args.resume)
+        run_train(config, run_dir, args.method, resume=args.resume, fsdp=args.fsdp)
     elif args.command == "evaluate":
         from peftlab.workflow import run_evaluate
 

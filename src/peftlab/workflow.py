@@ -34,7 +34,7 @@ def run_prepare(config: StudyConfig, run_dir: Path) -> dict:
     return stats
 
 
-def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool = False) -> dict:
+def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool = False, fsdp: bool = False) -> dict:
     from peftlab.rundir import write_provenance
     from peftlab.train.runner import train_method
 
@@ -46,7 +46,7 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
     rank, _ = distributed_rank_world()
     if rank == 0:
         write_provenance(run_dir, config)
-    metrics = train_method(config, run_dir, method, resume=resume)
+    metrics = train_method(config, run_dir, method, resume=resume, fsdp=fsdp)
     if rank != 0:
         return metrics
     peak = metrics["peak_gpu_alloc_gib"]

@@ -17,7 +17,7 @@ from peftlab.data.prepare import prepare_data
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def _train(run_dir: Path, out_name: str, gpus: int, batch: int) -> dict:
+def _train(run_dir: Path, out_name: str, gpus: int, batch: int, *flags: str) -> dict:
     sets = ["--set", "methods.lora.kind=lora", "--set", "methods.lora.max_steps=3", "--set", "methods.lora.grad_accum=1",
             "--set", f"methods.lora.batch_size={batch}", "--set", "methods.lora.sampling=sequential",
             "--set", "methods.lora.lr=0.01", "--set", "methods.lora.lora.dropout=0.0"]
@@ -27,7 +27,7 @@ def _train(run_dir: Path, out_name: str, gpus: int, batch: int) -> dict:
         (out / "data").symlink_to(run_dir / "data")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "peftlab", "train", "smoke", "--method", "lora", "--out", str(out),
-                           "--gpus", str(gpus), *sets], env=env, capture_output=True, text=True, timeout=600)
+                           "--gpus", str(gpus), *sets, *flags], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "train" / "lora" / "metrics.json").read_text())
 
@@ -50,6 +50,28 @@ def test_two_processes_match_one_with_the_same_effective_batch(prepared):
     expected = [p["loss"] for p in single["loss_curve"]]
     assert len(ours) == 3 and ours == pytest.approx(expected, rel=1e-4)
     assert (prepared / "two" / "train" / "lora" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_fsdp_matches_one_process_and_saves_whole_adapters(prepared):
+    single = _train(prepared, "one", gpus=1, batch=8) if not (prepared / "one" / "train" / "lora" / "metrics.json").exists() \
+        else json.loads((prepared / "one" / "train" / "lora" / "metrics.json").read_text())
+    sharded = _train(prepared, "fsdp", 2, 4, "--fsdp")
+    assert sharded["strategy"] == "fsdp" and single["strategy"] == "single"
+    ours = [p["loss"] for p in sharded["loss_curve"]]
+    assert ours == pytest.approx([p["loss"] for p in single["loss_curve"]], rel=1e-4)
+    from safetensors.torch import load_file
+
+    whole = load_file(prepared / "one" / "train" / "lora" / "final" / "adapter_model.safetensors")
+    gathered = load_file(prepared / "fsdp" / "train" / "lora" / "final" / "adapter_model.safetensors")
+    assert gathered.keys() == whole.keys()
+    assert all(gathered[k].shape == whole[k].shape for k in whole)  # full tensors, not one rank's shard
+
+
+def test_galore_refuses_fsdp(prepared):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "peftlab", "train", "smoke", "--method", "galore", "--out",
+                           str(prepared), "--gpus", "2", "--fsdp"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "drop --fsdp" in done.stderr
 
 
 def test_sharded_evaluation_gathers_predictions_in_order(prepared):

@@ -22,6 +22,8 @@ class BuildContext:
     dtype: Any
     # A directory to start from instead of `model:` (the previous stage of a hybrid).
     source: str | None = None
+    # Weights sharded over processes (FSDP): quantised weights are stored in the model dtype.
+    fsdp: bool = False
 
 
 @dataclass

@@ -22,6 +22,8 @@ def quantization_config(ctx: BuildContext) -> tuple[BitsAndBytesConfig, torch.dt
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
+        # FSDP flattens parameters of one dtype: pack the 4-bit weights into the model's dtype.
+        **({"bnb_4bit_quant_storage": ctx.dtype} if ctx.fsdp else {}),
     )
     return config, compute
 

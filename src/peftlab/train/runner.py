@@ -62,6 +62,12 @@ class TargetTokenTrainer(Trainer):
     loss_chunk_tokens: int = 256
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_fsdp_enabled:
+            # Sharded weights exist whole only inside the wrapped forward, so the vocabulary projection
+            # cannot run outside it: use the model's own (full-logits) loss, the same value.
+            seen = inputs["attention_mask"].sum()
+            self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         causal_lm = _unwrap(model)
         hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
@@ -126,8 +132,17 @@ def allow_galore_checkpoints() -> None:
     torch.serialization.add_safe_globals([GaLoreProjector])
 
 
-def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe) -> TrainingArguments:
+def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe,
+                       fsdp: bool = False) -> TrainingArguments:
     extra: dict[str, Any] = {}
+    checkpointing = method.gradient_checkpointing
+    if fsdp:
+        layer = _unwrap(recipe.model).get_decoder().layers[0]
+        extra["fsdp"] = True
+        extra["fsdp_config"] = {"transformer_layer_cls_to_wrap": [type(layer).__name__],
+                                "state_dict_type": "FULL_STATE_DICT",
+                                "activation_checkpointing": checkpointing}
+        checkpointing = False  # FSDP checkpoints the wrapped layers itself (no redundant all-gather)
     if "optim_args" in recipe.notes:
         extra["optim_args"] = recipe.notes["optim_args"]
         extra["optim_target_modules"] = recipe.notes["optim_target_modules"]
@@ -151,7 +166,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         train_sampling_strategy=method.sampling,
         include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
         bf16=device == "cuda" and dtype == torch.bfloat16,
-        gradient_checkpointing=method.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         optim=recipe.optim if recipe.optimizer is None else "adamw_torch",
         report_to=[],
@@ -174,15 +189,24 @@ def train_method(
     source: str | None = None,
     stop_after: int | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
-    """Train `name` (or an explicit `method` config, for hybrid stages) and return its metrics."""
+    """Train `name` (or an explicit `method` config, for hybrid stages) and return its metrics.
+
+    `fsdp` shards weights, gradients and optimizer states over the processes (FSDP2 through
+    accelerate) instead of replicating them (DDP); it needs more than one process.
+    """
     method = method or config.method(name)
+    rank, world = distributed_rank_world()
+    fsdp = fsdp and world > 1
+    if fsdp and method.kind in ("galore", "hybrid"):
+        raise UserError(f"method '{name}' ({method.kind}): GaLore projects whole weight matrices, which FSDP"
+                        " splits across processes; train it with DDP (drop --fsdp)")
     if method.kind == "hybrid":
         from peftlab.methods.hybrid import train_hybrid
 
         return train_hybrid(config, run_dir, name, resume=resume)
     out = out or run_dir / "train" / name
-    rank, world = distributed_rank_world()
     device = device_name()
     if device == "cuda" and world > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -197,12 +221,12 @@ def train_method(
 
     started = time.perf_counter()
     torch.manual_seed(method.seed)
-    recipe = build(method.kind)(BuildContext(config.model, method, device, dtype, source))
+    recipe = build(method.kind)(BuildContext(config.model, method, device, dtype, source, fsdp))
     load_seconds = time.perf_counter() - started
     trainable, total = count_parameters(recipe.model)
 
     allow_galore_checkpoints()
-    args = training_arguments(method, out, device, dtype, recipe)
+    args = training_arguments(method, out, device, dtype, recipe, fsdp)
     _ = args.device  # sets up the process group under torchrun / accelerate launch
     if world == 1 and args.n_gpu > 1:
         args._n_gpu = 1  # one process trains on one GPU; several GPUs go through --gpus (DDP), never nn.DataParallel
@@ -231,6 +255,9 @@ def train_method(
                           world)
     tokens = sum(r["tokens_trained"] for r in ranks)
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    gathered = out / ".final-gathered"
+    if fsdp:  # every rank takes part in gathering the full weights; rank 0 writes them
+        trainer.save_model(str(gathered))
     if rank != 0:
         del trainer, recipe
         release_memory()
@@ -238,7 +265,12 @@ def train_method(
         return {}
     _write_loss_csv(out / "loss.csv", losses)
     with atomic_dir(out / "final") as final:
-        recipe.model.save_pretrained(final, safe_serialization=True)
+        if fsdp:
+            for item in gathered.iterdir():
+                item.rename(final / item.name)
+            gathered.rmdir()
+        else:
+            recipe.model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
     metrics = {
         "method": name,
@@ -252,6 +284,7 @@ def train_method(
         "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
         "peak_rss_gib": loop.peak_rss_gib,
         "world_size": world,
+        "strategy": "fsdp" if fsdp else ("ddp" if world > 1 else "single"),
         "per_rank": ranks,
         "peak_gpu_alloc_gib_total": _total(ranks, "peak_gpu_alloc_gib"),
         "model_load_s": load_seconds,
