@@ -3,9 +3,10 @@
 Workload (BASELINE.md): the first `prompts` rows of the bench workload, each rendered up to its last
 model turn, greedy, `max_new_tokens` 256, bf16, SDPA. Runs:
 
-- `plain`: `model.generate` on batches of 64 in the workload's order (the study's setting);
-- `ours`: the evaluator's path (`peftlab.evaluate.generate.generate_all`): length-sorted, left-padded
-  batches of `batch` rows, stopping at `<end_of_turn>`/EOS;
+- `plain`: `model.generate` on batches of 64 in the workload's order with torch's default SDPA
+  backends (the study's setting, as a user gets it);
+- `ours`: the evaluator's path (`peftlab.evaluate.generate`): length-sorted, left-padded batches of
+  `batch` rows, stopping at `<end_of_turn>`/EOS, SDPA without cuDNN (as `load_model` sets it);
 - `ours-static` (with `static=True`): the same with a static KV cache, which lets transformers
   compile the decoding step (CUDA graphs); compile time is inside the measured wall time.
 
@@ -106,7 +107,7 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
                          work: Path) -> dict[str, Any]:
     from peftlab.config import ModelConfig
-    from peftlab.models import device_name, load_model, load_tokenizer
+    from peftlab.models import avoid_cudnn_attention, device_name, load_model, load_tokenizer
     from peftlab.rundir import hardware, package_versions
 
     spec = BenchSpec("lora", "fast", shape or "builtin:gemma-3-1b", tokenizer, default_sources(data_dir),
@@ -121,7 +122,16 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_config, device=device, dtype=dtype).eval()
     encoded = encode_prompts(tok, texts)
-    variants = [("plain", PLAIN_BATCH, lambda: plain_generate(model, tok, encoded, max_new_tokens, device)),
+    def plain_default_backends() -> list[list[int]]:
+        # The study's setting as a user gets it: torch's default SDPA backends (cuDNN included).
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        try:
+            return plain_generate(model, tok, encoded, max_new_tokens, device)
+        finally:
+            if device == "cuda":
+                avoid_cudnn_attention()
+
+    variants = [("plain", PLAIN_BATCH, plain_default_backends),
                 ("ours", batch, lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False))]
     if static:
         variants.append(("ours-static", batch,
