@@ -71,11 +71,14 @@ def profile_one(method: str, profile: str, args) -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
-    events = callback.profiler.events() if callback.profiler else []
-    # Kernel rows only: operator rows carry the same device time again.
-    kernels = [e for e in callback.profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 if events else 0
-    steps = args.steps - 2
+    if callback.profiler is None:
+        raise RuntimeError(f"--steps {args.steps}: nothing was profiled (profiling starts at step 3)")
+    # Kernel rows only: operator rows and GPU-side annotation spans (Optimizer.step#...) carry the
+    # same device time again.
+    kernels = [e for e in callback.profiler.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    gpu_busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    steps = args.steps - 2  # steps 3..steps
     return {
         "method": method, "profile": profile, "profiled_steps": steps,
         "wall_ms_per_step": callback.wall * 1e3 / steps, "gpu_busy_ms_per_step": gpu_busy_ms / steps,
@@ -96,6 +99,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error("--steps must be at least 3 (profiling starts at step 3)")
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
     for item in args.runs:
         method, profile = item.split(":")

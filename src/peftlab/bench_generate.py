@@ -29,6 +29,7 @@ import torch
 from peftlab.bench import BenchSpec, default_sources, prepare_workload
 from peftlab.data.chat import render_prompt
 from peftlab.data.prepare import read_split
+from peftlab.errors import UserError
 from peftlab.evaluate.generate import (
     cut_at_stop,
     encode_prompts,
@@ -82,7 +83,9 @@ def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
 
 def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[int]], ours: list[list[int]],
                   device, limit: int = 40) -> list[dict[str, Any]]:
-    """fp32 logit gap between plain's and ours' token at the first difference, for differing rows."""
+    """fp32 logit gap between plain's and ours' token at the first difference, for differing rows.
+
+    Converts `model` to fp32 in place (the bench's last use of it)."""
     differing = [i for i in range(len(plain)) if plain[i] != ours[i]][:limit]
     if not differing:
         return []
@@ -146,14 +149,18 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
             continue
         outputs[name] = tokens
         generated = sum(len(t) for t in tokens)
+        if "plain" not in outputs:
+            raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')}); nothing to compare")
         identical = sum(a == b for a, b in zip(tokens, outputs["plain"], strict=True))
         runs.append({"run": name, "batch": rows_per_batch, "generated_tokens": generated, "seconds": seconds,
                      "tokens_per_s": generated / seconds, "peak_alloc_gib": peak,
                      "identical_rows": identical, "identical_fraction": identical / len(tokens)})
         print(f"{name:<12} batch {rows_per_batch:>4}  {generated / seconds:>9.0f} tokens/s  {seconds:7.1f} s"
               f"  identical to plain: {identical}/{len(tokens)}", file=sys.stderr, flush=True)
-    plain, ours = outputs["plain"], outputs.get("ours", outputs["plain"])
-    gaps = near_tie_gaps(model, tok, encoded, plain, ours, device)
+    if "plain" not in outputs:
+        raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
+    plain, ours = outputs["plain"], outputs.get("ours")
+    gaps = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
     margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
     return {
         "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,

@@ -188,3 +188,26 @@ def test_layerwise_galore_refuses_gradient_accumulation(smoke, tmp_path):
     method = replace(method, galore=replace(method.galore, variant="layerwise"))
     with pytest.raises(UserError, match="grad_accum: 1"):
         train_method(config, run_dir, "galore", method=method, out=tmp_path / "lw")
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_bf16_mixed_precision_trains_adapters_on_a_bf16_base(smoke, tmp_path, monkeypatch, name):
+    """What a GPU run does (bf16 weights, fp32 adapters, bf16 autocast), on CPU."""
+    import peftlab.train.runner as runner
+
+    make_args = runner.training_arguments
+
+    def bf16_arguments(*args, **kwargs):
+        arguments = make_args(*args, **kwargs)
+        arguments.bf16, arguments.mixed_precision = True, "bf16"  # what a CUDA bf16 run gets
+        return arguments
+
+    monkeypatch.setattr(runner, "training_arguments", bf16_arguments)
+    monkeypatch.setattr(runner, "resolve_dtype", lambda model, device: torch.bfloat16)
+    config, run_dir = smoke
+    if name == "lora":
+        config = replace(config, methods={**config.methods, "lora": replace(config.methods["qlora"], kind="lora")})
+    metrics = train_method(config, run_dir, name, method=_method(config, name, max_steps=2), out=tmp_path / name)
+    assert metrics["dtype"] == "bfloat16" and metrics["optimizer_steps"] == 2
+    assert all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
+    assert abs(metrics["loss_curve"][0]["loss"] - math.log(262144)) < 0.3

@@ -70,7 +70,9 @@ class TargetTokenTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         causal_lm = _unwrap(model)
-        hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+        # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
         targets = labels[:, 1:]
         keep = targets != -100
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
@@ -317,9 +319,9 @@ def train_method(
 def adapter_inputs_uncast(model, autocast_bf16: bool):
     """Under bf16 autocast, stop PEFT from casting every adapter input to the adapters' fp32.
 
-    Autocast runs the adapter matmuls in bf16 anyway, so that cast only adds two copies of each
-    adapted layer's input per step (fp32 copies were 12% of QLoRA's GPU time in the H200 profile).
-    Without autocast (CPU, fp32) it changes nothing and is left off.
+    Autocast (on for every forward: see `TargetTokenTrainer.compute_loss`) runs the adapter matmuls
+    in bf16 anyway, so that cast only adds two copies of each adapted layer's input per step (fp32
+    copies were 12% of QLoRA's GPU time in the H200 profile). Without autocast (CPU, fp32) it is off.
     """
     from contextlib import nullcontext
 
