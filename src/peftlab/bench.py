@@ -9,7 +9,7 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
   logits 1,024 tokens at a time.
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16 as 1 row x 16 accumulation,
-  checkpointing, vocabulary logits 64 tokens at a time; GaLore with 8-bit Adam states.
+  checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -44,7 +44,7 @@ PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
     "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
-               "loss_chunk_tokens": 64, "max_seq_length": 2048},
+               "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
 # computes its 4-bit matmuls in bf16 (the model's dtype: no fp16 round trip per layer).
