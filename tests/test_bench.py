@@ -21,6 +21,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
         assert run["step_s_median"] > 0
     assert [r["max_seq_length"] for r in report["runs"]] == [1024, 2048]
     assert "lora     fast" in capsys.readouterr().err
+    assert out.with_suffix(".loss.png").stat().st_size > 1000  # the loss curves of every profile
 
 
 def test_unknown_method_is_a_user_error(capsys):

@@ -285,7 +285,29 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
         if out is not None:
             _write(out, report)
     print(format_table(report["runs"]), file=sys.stderr)
+    if out is not None:
+        plot_loss_curves(report["runs"], out.with_suffix(".loss.png"))
     return report
+
+
+def plot_loss_curves(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per method: the loss per optimizer step of every profile (quality must not move)."""
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(r["method"] for r in runs if r.get("loss_curve")))
+    if not methods:
+        return None
+    figure = Figure(figsize=(4.2 * len(methods), 3.2), layout="constrained")
+    for axis, method in zip(figure.subplots(1, len(methods), squeeze=False)[0], methods, strict=True):
+        for run in (r for r in runs if r["method"] == method and r.get("loss_curve")):
+            steps = [p["step"] for p in run["loss_curve"]]
+            axis.plot(steps, [p["loss"] for p in run["loss_curve"]], marker=".", label=run["profile"])
+        axis.set_title(method)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss")
+        axis.legend(frameon=False)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def _run_worker(spec: BenchSpec, work: Path) -> dict[str, Any]:
