@@ -49,15 +49,18 @@ def test_assistant_only_labels(smoke):
     assert everything["labels"] == row["input_ids"]
 
 
-def test_target_token_loss_equals_the_standard_loss(smoke):
+def test_target_token_loss_equals_the_standard_loss(smoke, tmp_path):
     """Logits only where labels are set give the same value as the full-vocabulary HF loss."""
+    from transformers import TrainingArguments
+
     from peftlab.models import device_name, load_model
 
     config, run_dir = smoke
     model = load_model(config.model, device=device_name(), dtype=torch.float32, seed=0)
     rows = TokenizedRows(read_split(run_dir, "train")[:4], "assistant")
     batch = PadCollator(0)([rows[i] for i in range(4)])
-    trainer = TargetTokenTrainer.__new__(TargetTokenTrainer)
+    trainer = TargetTokenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                     report_to=[]))
     ours = trainer.compute_loss(model, batch)
     reference = model(**batch).loss
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
