@@ -89,3 +89,18 @@ def test_sharded_evaluation_gathers_predictions_in_order(prepared):
         metrics = json.loads((out / "eval" / "base" / "metrics.json").read_text())
         assert metrics["generation"]["processes"] == gpus and metrics["n"] == 12
     assert outs[1] == outs[2]
+
+
+def test_hybrid_stages_run_under_two_processes(prepared):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    out = prepared / "hybrid2"
+    out.mkdir(exist_ok=True)
+    if not (out / "data").exists():
+        (out / "data").symlink_to(prepared / "data")
+    done = subprocess.run([sys.executable, "-m", "peftlab", "train", "smoke", "--method", "hybrid", "--out", str(out),
+                           "--gpus", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "train" / "hybrid" / "metrics.json").read_text())
+    trained = [s for s in metrics["stages"] if s["method"] != "merge"]
+    assert [(s["method"], s["world_size"]) for s in trained] == [("qlora", 2), ("galore", 2)]
+    assert (out / "train" / "hybrid" / "final" / "model.safetensors").exists()

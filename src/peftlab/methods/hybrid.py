@@ -47,9 +47,10 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
 
 
 def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool = False) -> dict[str, Any]:
-    from peftlab.train.runner import distributed_rank_world, stage_method, train_method
+    from peftlab.train.runner import distributed_rank_world, join_process_group, stage_method, train_method
 
     rank, world = distributed_rank_world()
+    join_process_group()
     hybrid = config.method(name)
     out = run_dir / "train" / name
     if not resume and rank == 0 and out.exists():

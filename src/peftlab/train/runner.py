@@ -354,6 +354,15 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def join_process_group() -> None:
+    """Under torchrun, join the process group the way the Trainer will (accelerate's PartialState),
+    for code that synchronises before any Trainer exists (hybrid stages)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
 def distributed_rank_world() -> tuple[int, int]:
     """(rank, world size) as torchrun / accelerate launch set them; (0, 1) for a plain process."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
