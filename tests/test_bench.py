@@ -77,7 +77,7 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
         return config.methods[kind], config.data.max_seq_length
 
     for kind in ("qlora", "galore", "lora"):
-        for profile in ("fast", "lowmem"):
+        for profile in ("fast", "fast-liger", "lowmem"):
             settings, _ = method(kind, profile)
             assert settings.batch_size * settings.grad_accum == 16  # the study's effective batch
     fast, fast_len = method("qlora", "fast")
@@ -88,3 +88,6 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
     assert low.loss_chunk_tokens < fast.loss_chunk_tokens
     assert method("galore", "lowmem")[0].galore.variant == "adamw8bit"
     assert method("galore", "fast")[0].galore.variant == "adamw"
+    liger = workload_config(BenchSpec("lora", "fast-liger", sources=default_sources(None)))
+    plain = workload_config(BenchSpec("lora", "fast", sources=default_sources(None)))
+    assert liger.model.liger_kernel and not plain.model.liger_kernel

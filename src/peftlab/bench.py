@@ -8,6 +8,7 @@ reference does, an effective batch of 16 rows per optimizer step. Each run is a 
 Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
   logits 1,024 tokens at a time.
+- `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16 as 1 row x 16 accumulation,
   checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
@@ -43,13 +44,16 @@ STUDY_HYPERPARAMETERS = {
 PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
+    "fast-liger": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
+                   "loss_chunk_tokens": 1024, "liger_kernel": True},
     "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
                "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
 # computes its 4-bit matmuls in bf16 (the model's dtype: no fp16 round trip per layer).
 METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}},
-                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}}}
+                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}},
+                  ("qlora", "fast-liger"): {"quant": {"compute_dtype": "bfloat16"}}}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
@@ -87,6 +91,7 @@ def workload_config(spec: BenchSpec):
 
     profile = dict(PROFILES.get(spec.profile, {}))
     max_len = profile.pop("max_seq_length", spec.max_seq_length)
+    liger = profile.pop("liger_kernel", False)
     method = {"kind": spec.method, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
               "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
               **STUDY_HYPERPARAMETERS[spec.method], **profile}
@@ -100,7 +105,8 @@ def workload_config(spec: BenchSpec):
         "name": "bench",
         "data": {"seed": 42, "train_per_source": rows, "test_per_source": 0, "train_buffer": rows + ROW_SLACK,
                  "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
-        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa"},
+        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa",
+                  "liger_kernel": liger},
         "methods": {spec.method: method},
     }
     return config_from_dict(raw, source="bench workload")

@@ -67,6 +67,8 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Training/inference dtype: auto = bf16 on a GPU that supports it, fp32 on CPU.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Fuse RMSNorm, GeGLU and RoPE with liger-kernel's Triton kernels (Gemma 3, CUDA only).
+    liger_kernel: bool = False
 
 
 @dataclass

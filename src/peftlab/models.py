@@ -192,7 +192,25 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
         loaded.to(device)
     if device == "cuda":
         avoid_cudnn_attention()
+    if model.liger_kernel:
+        apply_liger_kernels(loaded, device)
     return loaded
+
+
+def apply_liger_kernels(loaded, device: str) -> None:
+    """liger-kernel's fused RMSNorm, GeGLU MLP and RoPE on this Gemma 3 model (loss stays ours)."""
+    from peftlab.errors import UserError
+
+    if device != "cuda":
+        raise UserError("model.liger_kernel needs a CUDA GPU (Triton kernels); set it to false on this machine")
+    if getattr(loaded.config, "model_type", None) != "gemma3_text":
+        raise UserError(f"model.liger_kernel is wired for Gemma 3 text models, not '{loaded.config.model_type}'")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
+    except ImportError:
+        raise UserError("model.liger_kernel needs liger-kernel: pip install 'peftlab[gpu]'") from None
+    apply_liger_kernel_to_gemma3_text(rope=True, rms_norm=True, geglu=True, cross_entropy=False,
+                                      fused_linear_cross_entropy=False, model=loaded)
 
 
 def avoid_cudnn_attention() -> None:
