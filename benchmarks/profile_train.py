@@ -5,6 +5,9 @@ For each METHOD:PROFILE it trains the bench workload (Gemma-3-1B shape, random w
 step the GPU is idle, i.e. launch/Python bound), the top operators by GPU and by CPU time, and
 the memory at the start of training (weights + optimizer setup) vs the peak.
 
+All runs share one process: liger-kernel's patches (a `fast-liger` run) stay on for every later run,
+so list `fast-liger` runs last or profile them in their own invocation.
+
 Usage (GPU machine, repository root):
     python benchmarks/profile_train.py --data DIR --tokenizer DIR --out OUT.json qlora:fast galore:fast qlora:lowmem
 """

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time the BASELINE.md training workload: our profiles vs the reference")
     bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full")
-    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, lowmem")
+    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, fast-liger, lowmem")
     bench.add_argument("--reference", action="store_true", help="also run the study's TRL SFTTrainer recipe")
     bench.add_argument("--shape", default="builtin:gemma-3-1b", help="model config (random weights)")
     bench.add_argument("--tokenizer", default="builtin:gemma-3-270m")
@@ -117,8 +117,16 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from peftlab.workflow import run_train
 
-        if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-            return launch_distributed(args.gpus)
+        if "WORLD_SIZE" not in os.environ:
+            # User errors surface here, once, before any process is launched.
+            config, run_dir = _load(args)
+            config.method(args.method)
+            if args.fsdp:
+                from peftlab.train.runner import check_fsdp
+
+                check_fsdp(args.method, config.method(args.method), args.gpus)
+            if args.gpus > 1:
+                return launch_distributed(args.gpus)
 
         config, run_dir = _load(args)
         run_train(config, run_dir, args.method, resume=args.resume, fsdp=args.fsdp)

@@ -52,5 +52,7 @@ def build(ctx: BuildContext) -> Recipe:
                        quantization_config=config)
     model = freeze_base(model, ctx.method.gradient_checkpointing)
     model = get_peft_model(model, lora_config(ctx.method.lora))
-    optim = "paged_adamw_8bit" if ctx.method.optimizer == "auto" else ctx.method.optimizer
+    # bitsandbytes' optimizers cannot step FSDP's sharded (DTensor) parameters.
+    auto = "adamw_torch" if ctx.fsdp else "paged_adamw_8bit"
+    optim = auto if ctx.method.optimizer == "auto" else ctx.method.optimizer
     return Recipe(model=model, optim=optim, saves="adapter", notes={"compute_dtype": str(compute).removeprefix("torch.")})

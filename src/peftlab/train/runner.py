@@ -67,7 +67,9 @@ class TargetTokenTrainer(Trainer):
             # cannot run outside it: use the model's own (full-logits) loss, the same value.
             seen = inputs["attention_mask"].sum()
             self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # FSDP's mixed-precision policy casts outputs, the loss too, to bf16: keep it fp32.
+            return (result[0].float(), *result[1:]) if return_outputs else result.float()
         labels = inputs["labels"]
         causal_lm = _unwrap(model)
         # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
@@ -134,17 +136,30 @@ def allow_galore_checkpoints() -> None:
     torch.serialization.add_safe_globals([GaLoreProjector])
 
 
+def check_fsdp(name: str, method: MethodConfig, world: int) -> None:
+    """`--fsdp` only where it can run: lora/qlora/full, several CUDA processes, a non-bitsandbytes optimizer."""
+    if method.kind in ("galore", "hybrid"):
+        raise UserError(f"method '{name}' ({method.kind}): GaLore projects whole weight matrices, which FSDP"
+                        " splits across processes; train it with DDP (drop --fsdp)")
+    if world < 2:
+        raise UserError("--fsdp shards over several processes: use it with --gpus 2 or more")
+    if not torch.cuda.is_available():
+        raise UserError("--fsdp needs CUDA GPUs (accelerate engages FSDP only on GPU process groups); use DDP here")
+    if any(key in method.optimizer for key in ("8bit", "paged", "bnb")):
+        raise UserError(f"method '{name}': optimizer {method.optimizer} (bitsandbytes) cannot step FSDP's sharded"
+                        " parameters; use adamw_torch or leave optimizer: auto")
+
+
 def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe,
                        fsdp: bool = False) -> TrainingArguments:
     extra: dict[str, Any] = {}
-    checkpointing = method.gradient_checkpointing
     if fsdp:
         layer = _unwrap(recipe.model).get_decoder().layers[0]
         extra["fsdp"] = True
+        # Checkpointing stays the Trainer's: accelerate's FSDP activation checkpointing renames the
+        # wrapped modules (PEFT then saves empty adapters) and replays dropout with a new RNG state.
         extra["fsdp_config"] = {"transformer_layer_cls_to_wrap": [type(layer).__name__],
-                                "state_dict_type": "FULL_STATE_DICT",
-                                "activation_checkpointing": checkpointing}
-        checkpointing = False  # FSDP checkpoints the wrapped layers itself (no redundant all-gather)
+                                "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False}
     if "optim_args" in recipe.notes:
         extra["optim_args"] = recipe.notes["optim_args"]
         extra["optim_target_modules"] = recipe.notes["optim_target_modules"]
@@ -168,7 +183,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         train_sampling_strategy=method.sampling,
         include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
         bf16=device == "cuda" and dtype == torch.bfloat16,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=method.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         optim=recipe.optim if recipe.optimizer is None else "adamw_torch",
         report_to=[],
@@ -200,10 +215,8 @@ def train_method(
     """
     method = method or config.method(name)
     rank, world = distributed_rank_world()
-    fsdp = fsdp and world > 1
-    if fsdp and method.kind in ("galore", "hybrid"):
-        raise UserError(f"method '{name}' ({method.kind}): GaLore projects whole weight matrices, which FSDP"
-                        " splits across processes; train it with DDP (drop --fsdp)")
+    if fsdp:
+        check_fsdp(name, method, world)
     if method.kind == "hybrid":
         from peftlab.methods.hybrid import train_hybrid
 
@@ -286,7 +299,7 @@ def train_method(
         "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
         "peak_rss_gib": loop.peak_rss_gib,
         "world_size": world,
-        "strategy": "fsdp" if fsdp else ("ddp" if world > 1 else "single"),
+        "strategy": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world > 1 else "single"),
         "per_rank": ranks,
         "peak_gpu_alloc_gib_total": _total(ranks, "peak_gpu_alloc_gib"),
         "model_load_s": load_seconds,
@@ -358,9 +371,11 @@ def join_process_group() -> None:
     """Under torchrun, join the process group the way the Trainer will (accelerate's PartialState),
     for code that synchronises before any Trainer exists (hybrid stages)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(timeout=timedelta(seconds=1800))  # the Trainer's ddp_timeout default
 
 
 def distributed_rank_world() -> tuple[int, int]:
