@@ -214,3 +214,20 @@ def test_bf16_mixed_precision_trains_adapters_on_a_bf16_base(smoke, tmp_path, mo
     assert metrics["dtype"] == "bfloat16" and metrics["optimizer_steps"] == 2
     assert all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
     assert abs(metrics["loss_curve"][0]["loss"] - math.log(262144)) < 0.3
+
+
+def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
+    from peftlab.errors import UserError
+    from peftlab.train.runner import check_checkpoint_strategy
+
+    plain, sharded = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    plain.mkdir()
+    (plain / "optimizer.pt").write_bytes(b"")
+    sharded.mkdir()
+    (sharded / "pytorch_model_fsdp.bin").write_bytes(b"")
+    check_checkpoint_strategy(str(plain), fsdp=False)
+    check_checkpoint_strategy(str(sharded), fsdp=True)
+    with pytest.raises(UserError, match="written with --fsdp"):
+        check_checkpoint_strategy(str(sharded), fsdp=False)
+    with pytest.raises(UserError, match="written without --fsdp"):
+        check_checkpoint_strategy(str(plain), fsdp=True)

@@ -245,7 +245,7 @@ def train_method(
     _ = args.device  # sets up the process group under torchrun / accelerate launch
     if world == 1 and args.n_gpu > 1:
         args._n_gpu = 1  # one process trains on one GPU; several GPUs go through --gpus (DDP), never nn.DataParallel
-    checkpoint = _prepare_output(out, resume) if rank == 0 else None
+    checkpoint = _prepare_output(out, resume, fsdp) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
         checkpoint = _last_checkpoint(out) if resume else None
@@ -383,17 +383,26 @@ def distributed_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_checkpoint_strategy(checkpoint: str, fsdp: bool) -> None:
+    """A checkpoint resumes only under the strategy that wrote it (FSDP shards its states differently)."""
+    written_by_fsdp = any(Path(checkpoint).glob("*fsdp*"))
+    if written_by_fsdp != fsdp:
+        how = "with" if written_by_fsdp else "without"
+        raise UserError(f"--resume: {checkpoint} was written {how} --fsdp; resume it the same way")
+
+
 def _last_checkpoint(out: Path) -> str | None:
     found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(found[-1]) if found else None
 
 
-def _prepare_output(out: Path, resume: bool) -> str | None:
+def _prepare_output(out: Path, resume: bool, fsdp: bool = False) -> str | None:
     """The checkpoint to resume from, or None after clearing a previous attempt."""
     if resume:
         found = _last_checkpoint(out)
         if found is None:
             raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume to start")
+        check_checkpoint_strategy(found, fsdp)
         (out / "metrics.json").unlink(missing_ok=True)
         return found
     if out.exists():
