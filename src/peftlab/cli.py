@@ -196,6 +196,11 @@ def launch_distributed(processes: int) -> int:
     """Re-run this command under torchrun (the standard launcher): one process per GPU, DDP."""
     import subprocess
 
+    import torch
+
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise UserError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s)")
+
     argv = sys.argv[1:]
     cleaned: list[str] = []
     skip = False
