@@ -130,6 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         config, run_dir = _load(args)
         run_train(config, run_dir, args.method, resume=args.resume, fsdp=args.fsdp)
+        _leave_process_group()
     elif args.command == "evaluate":
         from peftlab.workflow import run_evaluate
 
@@ -138,6 +139,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         config, run_dir = _load(args)
         run_evaluate(config, run_dir, args.model, limit=args.limit)
+        _leave_process_group()
     elif args.command == "score":
         return _score(args)
     elif args.command == "report":
@@ -190,6 +192,18 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     if args.out is not None:
         write_json(args.out, report)
     return report
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, every rank leaves the process group together: a group left to interpreter
+    shutdown can abort a rank ("terminate called without an active exception")."""
+    if "WORLD_SIZE" not in os.environ:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launch_distributed(processes: int) -> int:
