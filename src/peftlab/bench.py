@@ -44,16 +44,15 @@ STUDY_HYPERPARAMETERS = {
 PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
-    "fast-liger": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
-                   "loss_chunk_tokens": 1024, "liger_kernel": True},
     "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
                "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
+PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
 # computes its 4-bit matmuls in bf16 (the model's dtype: no fp16 round trip per layer).
 METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}},
-                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}},
-                  ("qlora", "fast-liger"): {"quant": {"compute_dtype": "bfloat16"}}}
+                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}}}
+METHOD_PROFILE[("qlora", "fast-liger")] = METHOD_PROFILE[("qlora", "fast")]
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.

@@ -68,22 +68,32 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def jsonl_objects(text: str, label: str) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for each non-blank line; a bad line is a user error naming it."""
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+                    bool: "boolean", type(None): "null"}
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (for messages about user files)."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line as an object; a bad line is a user error starting with `where`."""
     from peftlab.errors import UserError
 
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{label} line {number}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{label} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    return rows
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {json_type(row)}")
+    return row
+
+
+def jsonl_objects(text: str, label: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line; a bad line is a user error naming it."""
+    return [(number, json_object(line, f"{label} line {number}"))
+            for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -38,7 +38,6 @@ resampled indices for both.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from peftlab.errors import UserError
+from peftlab.rundir import json_object, json_type
 
 BLEU_MAX_ORDER = 4
 """Maximum n-gram order of BLEU-4."""
@@ -68,15 +68,6 @@ Metric = Literal["bleu4", "rougeL"]
 
 _TOKENIZER_13A = Tokenizer13a()
 _BOOTSTRAP_CHUNK_CELLS = 4_000_000  # resamples x rows drawn per chunk (bounds peak memory to ~130 MB)
-_JSON_TYPE_NAMES = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
 
 
 # --------------------------------------------------------------------------------------- per-row scores
@@ -430,23 +421,14 @@ class PredictionRows:
     sources: list[str] | None
 
 
-def _json_type(value: object) -> str:
-    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
 def _parse_line(where: str, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
+    row = json_object(line, where)
     for key in ("prediction", "reference"):
         if key not in row:
             raise UserError(f"{where}: missing {key!r}")
     for key in ("prediction", "reference", "source_dataset"):
         if key in row and not isinstance(row[key], str):
-            raise UserError(f"{where}: {key!r} must be a string, got {_json_type(row[key])}")
+            raise UserError(f"{where}: {key!r} must be a string, got {json_type(row[key])}")
     return row
 
 

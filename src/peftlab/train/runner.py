@@ -62,11 +62,11 @@ class TargetTokenTrainer(Trainer):
     loss_chunk_tokens: int = 256
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen = inputs["attention_mask"].sum()
+        self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
         if self.is_fsdp_enabled:
             # Sharded weights exist whole only inside the wrapped forward, so the vocabulary projection
             # cannot run outside it: use the model's own (full-logits) loss, the same value.
-            seen = inputs["attention_mask"].sum()
-            self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # FSDP's mixed-precision policy casts outputs, the loss too, to bf16: keep it fp32.
             return (result[0].float(), *result[1:]) if return_outputs else result.float()
@@ -81,8 +81,6 @@ class TargetTokenTrainer(Trainer):
         loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
                                      self.loss_chunk_tokens)
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        seen = inputs["attention_mask"].sum()
-        self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
         loss = loss / count
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # `count` is the token count of all ranks, and DDP averages gradients over ranks.
