@@ -86,6 +86,7 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
     assert fast.quant.compute_dtype == "bfloat16" and low.quant.compute_dtype == "float16"
     assert not fast.gradient_checkpointing and low.gradient_checkpointing
     assert low.loss_chunk_tokens < fast.loss_chunk_tokens
+    assert low.micro_batch_tokens == low_len and fast.micro_batch_tokens is None  # one full row's memory
     assert method("galore", "lowmem")[0].galore.variant == "adamw8bit"
     assert method("galore", "fast")[0].galore.variant == "adamw"
     liger = workload_config(BenchSpec("lora", "fast-liger", sources=default_sources(None)))

@@ -9,8 +9,9 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
   logits 1,024 tokens at a time.
 - `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
-- `lowmem`: the study's max_seq_length 2048 and effective batch 16 as 1 row x 16 accumulation,
-  checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
+- `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
+  micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
+  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -44,8 +45,8 @@ STUDY_HYPERPARAMETERS = {
 PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
-    "lowmem": {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True, "sampling": "random",
-               "loss_chunk_tokens": 32, "max_seq_length": 2048},
+    "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
+               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA

@@ -130,6 +130,9 @@ class MethodConfig:
     sampling: Literal["random", "group_by_length", "sequential"] = "random"
     # Vocabulary logits are computed this many target tokens at a time (memory: tokens x vocab x ~10 bytes).
     loss_chunk_tokens: int = 256
+    # Set: each batch runs forward/backward in slices of at most this many padded tokens (rows x
+    # their longest), so the whole batch feeds one optimizer step at the memory of a slice.
+    micro_batch_tokens: int | None = None
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
@@ -422,6 +425,8 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{where}.{key} must be at least 1, got {value}")
+    if method.micro_batch_tokens is not None and method.micro_batch_tokens < 1:
+        raise UserError(f"{where}.micro_batch_tokens must be at least 1 (or left out), got {method.micro_batch_tokens}")
     if method.seed < 0:
         raise UserError(f"{where}.seed must not be negative, got {method.seed}")
     if not method.lora.target_modules:

@@ -231,3 +231,43 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
         check_checkpoint_strategy(str(sharded), fsdp=False)
     with pytest.raises(UserError, match="written without --fsdp"):
         check_checkpoint_strategy(str(plain), fsdp=True)
+
+
+def test_token_budget_slices_cover_every_row_within_the_budget():
+    from peftlab.train.runner import token_budget_slices
+
+    lengths = [5, 30, 12, 12, 3, 40]
+    mask = torch.zeros((len(lengths), 40), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    slices = token_budget_slices(mask, 36)
+    rows = [r for indices, _ in slices for r in indices.tolist()]
+    assert sorted(rows) == list(range(len(lengths)))
+    assert [(indices.tolist(), length) for indices, length in slices] == [([5], 40), ([1], 30), ([2, 3, 0], 12),
+                                                                           ([4], 3)]
+    for indices, length in slices:
+        assert length == max(lengths[r] for r in indices.tolist())
+    whole = token_budget_slices(mask, 240)
+    assert len(whole) == 1 and whole[0][1] == 40 and token_budget_slices(mask, None)[0][0].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("kind", ["full", "qlora"])
+def test_token_budget_micro_batches_give_the_same_training(smoke, tmp_path, monkeypatch, kind):
+    """Slicing each batch into token-budget micro-batches changes memory, not the optimisation."""
+    from peftlab.train import runner
+
+    counts: list[int] = []
+    real = runner.token_budget_slices
+    monkeypatch.setattr(runner, "token_budget_slices", lambda mask, budget: counts.append(len(real(mask, budget)))
+                        or real(mask, budget))
+    config, run_dir = smoke
+    base = "galore" if kind == "galore" else "qlora"
+    changes = {"lora": replace(config.method(base).lora, dropout=0.0)} if kind == "qlora" else {}
+    method = _method(config, base, kind=kind, max_steps=3, batch_size=4, grad_accum=2, **changes)
+    whole = train_method(config, run_dir, kind, method=method, out=tmp_path / "whole")
+    sliced = train_method(config, run_dir, kind, method=replace(method, micro_batch_tokens=48),
+                          out=tmp_path / "sliced")
+    assert [p["loss"] for p in sliced["loss_curve"]] == pytest.approx([p["loss"] for p in whole["loss_curve"]],
+                                                                       rel=1e-4)
+    assert sliced["tokens_trained"] == whole["tokens_trained"]
+    assert counts[:6] == [1] * 6 and max(counts[6:]) > 1  # the whole run never slices; the other one did

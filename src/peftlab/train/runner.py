@@ -6,6 +6,7 @@ format, safetensors), `loss.csv`, and `metrics.json` last, which marks the metho
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -60,6 +61,24 @@ class TargetTokenTrainer(Trainer):
 
     tokens_seen: torch.Tensor | None = None
     loss_chunk_tokens: int = 256
+    micro_batch_tokens: int | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
+        if len(slices) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:  # the loss is a mean over the whole batch's targets, not per slice
+            num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+        total = None
+        for index, (rows, length) in enumerate(slices):
+            part = {key: value[rows, :length] for key, value in inputs.items()}
+            # DDP: all-reduce the gradients once, on the batch's last slice.
+            last = index == len(slices) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seen = inputs["attention_mask"].sum()
@@ -86,6 +105,26 @@ class TargetTokenTrainer(Trainer):
             # `count` is the token count of all ranks, and DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+
+def token_budget_slices(attention_mask: torch.Tensor, budget: int | None) -> list[tuple[torch.Tensor, int]]:
+    """Split a right-padded batch into slices of at most `budget` padded tokens (rows x longest row).
+
+    Rows are taken longest first, so each slice is cut to its own longest row; a row longer than the
+    budget forms a slice alone. Returns (row indices, length) per slice; one slice = no split needed.
+    """
+    lengths = attention_mask.sum(dim=1)
+    if budget is None or attention_mask.shape[0] * int(lengths.max()) <= budget:
+        return [(torch.arange(attention_mask.shape[0], device=attention_mask.device), attention_mask.shape[1])]
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    values = lengths.tolist()
+    slices: list[list[int]] = []
+    for row in order:
+        if slices and (len(slices[-1]) + 1) * values[slices[-1][0]] <= budget:
+            slices[-1].append(row)
+        else:
+            slices.append([row])
+    return [(torch.tensor(rows, device=attention_mask.device), int(values[rows[0]])) for rows in slices]
 
 
 def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -257,6 +296,7 @@ def train_method(
         callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else []), *(callbacks or [])],
     )
     trainer.loss_chunk_tokens = method.loss_chunk_tokens
+    trainer.micro_batch_tokens = method.micro_batch_tokens
     with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
