@@ -37,6 +37,14 @@ def test_flops_formula():
                                    "peak_alloc_gib": None, "peak_reserved_gib": None, "step_s_median": 1.0}])
 
 
+def test_steady_rate_is_tokens_per_step_over_the_median_step():
+    from peftlab.bench import steady_tokens_per_s
+
+    run = {"tokens_trained": 16_000, "optimizer_steps": 16, "step_s_median": 0.5}
+    assert steady_tokens_per_s(run) == 2_000.0
+    assert steady_tokens_per_s({**run, "step_s_median": None}) is None
+
+
 def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer):
     out = tmp_path / "gen.json"
     assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",

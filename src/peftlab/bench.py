@@ -244,6 +244,15 @@ def worker(spec_path: str, result_path: str) -> None:
 # Driver
 
 
+def steady_tokens_per_s(run: dict[str, Any]) -> float | None:
+    """Mean tokens per optimizer step / median step time: the rate once one-off first-step work
+    (GaLore's initial SVDs, allocator growth, kernel compilation) is paid, as in a long run."""
+    steps, median = run.get("optimizer_steps"), run.get("step_s_median")
+    if not steps or not median:
+        return None
+    return run["tokens_trained"] / steps / median
+
+
 def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[str, Any]:
     from peftlab.models import read_model_config
 
@@ -252,7 +261,7 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
     trains_all = metrics["trainable_params"] >= metrics["total_params"]
     per_token = flops_per_token(shape, metrics["total_params"], trains_all, result["mean_seq"])
     peak = peak_flops(gpu)
-    return {
+    row = {
         "method": spec.method, "profile": spec.profile,
         "tokens_per_s": metrics["tokens_per_s"],
         "mfu": metrics["tokens_per_s"] * per_token / peak if peak else None,
@@ -264,6 +273,8 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
         "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
         "loss_curve": metrics.get("loss_curve", []),
     }
+    row["steady_tokens_per_s"] = steady_tokens_per_s(row)
+    return row
 
 
 def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape: str, tokenizer: str,
@@ -335,7 +346,8 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    head = f"{'method':<8} {'profile':<10} {'tokens/s':>10} {'MFU':>6} {'peak alloc':>11} {'reserved':>9} {'step s':>7}"
+    head = (f"{'method':<8} {'profile':<10} {'tokens/s':>10} {'steady':>8} {'MFU':>6} {'peak alloc':>11}"
+            f" {'reserved':>9} {'step s':>7}")
     lines = [head, "-" * len(head)]
     for run in runs:
         if "error" in run:
@@ -345,7 +357,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         def num(value, fmt: str, width: int, unit: str = "") -> str:
             return (format(value, fmt) + unit if value is not None else "n/a").rjust(width)
 
-        lines.append(f"{run['method']:<8} {run['profile']:<10} {run['tokens_per_s']:>10.0f} {num(run['mfu'], '.1%', 6)}"
+        lines.append(f"{run['method']:<8} {run['profile']:<10} {run['tokens_per_s']:>10.0f}"
+                     f" {num(run.get('steady_tokens_per_s'), '.0f', 8)} {num(run['mfu'], '.1%', 6)}"
                      f" {num(run['peak_alloc_gib'], '.2f', 11, ' GiB')} {num(run['peak_reserved_gib'], '.2f', 9, ' GiB')}"
                      f" {num(run['step_s_median'], '.2f', 7)}")
     return "\n".join(lines)
