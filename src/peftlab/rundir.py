@@ -125,15 +125,26 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    out = _git("rev-parse", "HEAD")
+    return out.strip() or None if out is not None else None
+
+
+def git_dirty() -> bool | None:
+    """True when tracked files differ from `git_commit()`: the code that ran is not that commit."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return bool(out.strip()) if out is not None else None
 
 
 def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, str] | None = None) -> None:
@@ -146,6 +157,7 @@ def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, 
         "versions": package_versions(),
         "hardware": hardware(),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config_file": config.source_file,
     })
