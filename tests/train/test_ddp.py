@@ -50,6 +50,10 @@ def test_two_processes_match_one_with_the_same_effective_batch(prepared):
     expected = [p["loss"] for p in single["loss_curve"]]
     assert len(ours) == 3 and ours == pytest.approx(expected, rel=1e-4)
     assert (prepared / "two" / "train" / "lora" / "final" / "adapter_model.safetensors").exists()
+    # Token-budget slices per process (different slice counts per rank) keep the same optimisation.
+    sliced = _train(prepared, "two-sliced", 2, 4, "--set", "methods.lora.micro_batch_tokens=64")
+    assert [p["loss"] for p in sliced["loss_curve"]] == pytest.approx(expected, rel=1e-4)
+    assert sliced["tokens_trained"] == single["tokens_trained"]
 
 
 def test_fsdp_is_refused_where_it_cannot_run(prepared):
@@ -119,3 +123,14 @@ def test_hybrid_stages_run_under_two_processes(prepared):
     trained = [s for s in metrics["stages"] if s["method"] != "merge"]
     assert [(s["method"], s["world_size"]) for s in trained] == [("qlora", 2), ("galore", 2)]
     assert (out / "train" / "hybrid" / "final" / "model.safetensors").exists()
+
+
+def test_fsdp_refuses_token_budget_slices():
+    from dataclasses import replace
+
+    from peftlab.errors import UserError
+    from peftlab.train.runner import check_fsdp
+
+    method = replace(load_config("smoke").method("qlora"), kind="lora", micro_batch_tokens=64)
+    with pytest.raises(UserError, match="micro_batch_tokens"):
+        check_fsdp("lora", method, world=2)

@@ -271,3 +271,30 @@ def test_token_budget_micro_batches_give_the_same_training(smoke, tmp_path, monk
                                                                        rel=1e-4)
     assert sliced["tokens_trained"] == whole["tokens_trained"]
     assert counts[:6] == [1] * 6 and max(counts[6:]) > 1  # the whole run never slices; the other one did
+
+
+def test_slices_without_a_trainer_token_count_give_the_whole_batch_gradient(smoke, tmp_path):
+    """When the Trainer passes no token count, every slice still divides by the whole batch's targets."""
+    from transformers import TrainingArguments
+
+    from peftlab.models import load_model
+
+    config, run_dir = smoke
+    model = load_model(config.model, device="cpu", dtype=torch.float32, seed=0)
+    rows = TokenizedRows(read_split(run_dir, "train")[:4], "assistant")
+    batch = PadCollator(0)([rows[i] for i in range(4)])
+    trainer = TargetTokenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                     report_to=[]))
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step(budget):
+        model.zero_grad()
+        trainer.micro_batch_tokens = budget
+        loss = trainer.training_step(model, dict(batch), None)
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole_loss, whole_grads = step(None)
+    sliced_loss, sliced_grads = step(int(batch["attention_mask"].sum(1).max()))
+    assert sliced_loss == pytest.approx(whole_loss, rel=1e-5)
+    for ours, expected in zip(sliced_grads, whole_grads, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peftlab.config import MethodConfig, StudyConfig
@@ -62,22 +63,30 @@ class TargetTokenTrainer(Trainer):
     tokens_seen: torch.Tensor | None = None
     loss_chunk_tokens: int = 256
     micro_batch_tokens: int | None = None
+    _batch_targets: torch.Tensor | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
         if len(slices) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
-        if num_items_in_batch is None:  # the loss is a mean over the whole batch's targets, not per slice
-            num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+        if num_items_in_batch is None:
+            # Each slice's loss is divided by the whole batch's target count, not its own (see compute_loss).
+            self._batch_targets = (inputs["labels"][:, 1:] != -100).sum()
+        shape = inputs["attention_mask"].shape
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         total = None
-        for index, (rows, length) in enumerate(slices):
-            part = {key: value[rows, :length] for key, value in inputs.items()}
-            # DDP: all-reduce the gradients once, on the batch's last slice.
-            last = index == len(slices) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                loss = super().training_step(model, part, num_items_in_batch)
-            total = loss if total is None else total + loss
+        try:
+            for index, (rows, length) in enumerate(slices):
+                part = {key: value[rows, :length] if torch.is_tensor(value) and value.shape[:2] == shape else value
+                        for key, value in inputs.items()}
+                # DDP: all-reduce the gradients once, on the batch's last slice.
+                last = index == len(slices) - 1
+                sync = contextlib.nullcontext() if last or deepspeed or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    loss = super().training_step(model, part, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self._batch_targets = None
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -99,7 +108,10 @@ class TargetTokenTrainer(Trainer):
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
         loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
                                      self.loss_chunk_tokens)
-        count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        if num_items_in_batch is not None:
+            count = num_items_in_batch
+        else:
+            count = self._batch_targets if self._batch_targets is not None else keep.sum()
         loss = loss / count
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # `count` is the token count of all ranks, and DDP averages gradients over ranks.
@@ -178,6 +190,9 @@ def check_fsdp(name: str, method: MethodConfig, world: int) -> None:
     if method.kind in ("galore", "hybrid"):
         raise UserError(f"method '{name}' ({method.kind}): GaLore projects whole weight matrices, which FSDP"
                         " splits across processes; train it with DDP (drop --fsdp)")
+    if method.micro_batch_tokens is not None:
+        raise UserError(f"method '{name}': micro_batch_tokens runs a different number of forwards per process,"
+                        " which FSDP's collective weight gathering cannot do; drop it or use DDP (drop --fsdp)")
     if world < 2:
         raise UserError("--fsdp shards over several processes: use it with --gpus 2 or more")
     if not torch.cuda.is_available():
