@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from peftlab.bench import flops_per_token, format_table
 from peftlab.cli import main
 
@@ -100,3 +102,22 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
     liger = workload_config(BenchSpec("lora", "fast-liger", sources=default_sources(None)))
     plain = workload_config(BenchSpec("lora", "fast", sources=default_sources(None)))
     assert liger.model.liger_kernel and not plain.model.liger_kernel
+
+
+def test_near_tie_gaps_rescore_the_first_difference_in_fp32():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.bench_generate import near_tie_gaps
+    from peftlab.models import read_model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3")))
+    encoded, plain, ours = [[2, 5, 6], [2, 7]], [[7, 8, 3], [4]], [[7, 9, 3], [4]]
+    gaps = near_tie_gaps(model, None, encoded, plain, ours, "cpu")
+    assert len(gaps) == 1 and gaps[0]["row"] == 0 and gaps[0]["position"] == 1
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([[2, 5, 6, 7]])).logits[0, -1]
+    assert gaps[0]["plain_minus_ours"] == pytest.approx(float(logits[8] - logits[9]), abs=1e-5)
+    assert (gaps[0]["plain_token"], gaps[0]["ours_token"], gaps[0]["prompt_tokens"]) == (8, 9, 3)
+    assert gaps[0]["fp32_argmax_token"] == int(logits.argmax()) and gaps[0]["generated_prefix_tail"] == [7]

@@ -101,8 +101,13 @@ def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[i
             prefix = torch.tensor([encoded[index] + a[:at]], device=device)
             logits = model32(input_ids=prefix, logits_to_keep=1).logits[0, -1].float()
             top2 = torch.topk(logits, 2).values
+            argmax = int(logits.argmax())
+            # Token ids and the shared prefix's tail, so a large gap can be re-examined offline.
             gaps.append({"row": index, "position": at, "plain_minus_ours": float(logits[a[at]] - logits[b[at]]),
-                         "top2_margin": float(top2[0] - top2[1]), "fp32_argmax_is_plain": int(logits.argmax()) == a[at]})
+                         "top2_margin": float(top2[0] - top2[1]), "fp32_argmax_is_plain": argmax == a[at],
+                         "fp32_argmax_is_ours": argmax == b[at], "plain_token": a[at], "ours_token": b[at],
+                         "fp32_argmax_token": argmax, "prompt_tokens": len(encoded[index]),
+                         "generated_prefix_tail": a[max(0, at - 32):at]})
     return gaps
 
 
