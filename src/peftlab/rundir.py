@@ -138,7 +138,7 @@ def _git(*args: str) -> str | None:
 
 def git_commit() -> str | None:
     out = _git("rev-parse", "HEAD")
-    return out.strip() or None if out is not None else None
+    return (out.strip() or None) if out is not None else None
 
 
 def git_dirty() -> bool | None:

@@ -66,6 +66,8 @@ class TargetTokenTrainer(Trainer):
     _batch_targets: torch.Tensor | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.micro_batch_tokens is None:
+            return super().training_step(model, inputs, num_items_in_batch)
         slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
         if len(slices) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
