@@ -25,10 +25,28 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     assert "lora     fast" in capsys.readouterr().err
     assert out.with_suffix(".loss.png").stat().st_size > 1000  # the loss curves of every profile
 
+    # --resume keeps finished runs (a fast one is marked to prove it is not re-run) and runs the rest.
+    report["runs"] = [{**report["runs"][0], "kept": True}]
+    out.write_text(json.dumps(report))
+    args = ["bench", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+            "--rows-per-source", "8", "--max-steps", "1", "--out", str(out), "--resume"]
+    assert main(args) == 0
+    resumed = json.loads(out.read_text())
+    assert [(r["method"], r["profile"], r.get("kept")) for r in resumed["runs"]] == [
+        ("lora", "fast", True), ("lora", "lowmem", None)]
+    assert "lora / fast: kept from" in capsys.readouterr().err
+    # A report of another workload is refused, not mixed in.
+    assert main([*args[:-5], "--max-steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "another workload" in capsys.readouterr().err
+
 
 def test_unknown_method_is_a_user_error(capsys):
     assert main(["bench", "--methods", "dora"]) == 2
     assert "unknown method 'dora'" in capsys.readouterr().err
+    assert main(["bench", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert main(["bench", "--generation", "--plain-batches", "64,x"]) == 2
+    assert "--plain-batches: expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_flops_formula():
@@ -50,13 +68,15 @@ def test_steady_rate_is_tokens_per_step_over_the_median_step():
 def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer):
     out = tmp_path / "gen.json"
     assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
-                 "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--out", str(out)]) == 0
+                 "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--plain-batches", "64,3",
+                 "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["prompts"] == 10 and [r["run"] for r in report["runs"]] == ["plain", "ours", "ours-static"]
-    plain, ours, static = report["runs"]
-    assert plain["batch"] == 64 and ours["batch"] == 4
+    assert report["prompts"] == 10
+    assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-static"]
+    plain, plain3, ours, static = report["runs"]
+    assert plain["batch"] == 64 and plain3["batch"] == 3 and ours["batch"] == 4
     # fp32 on CPU: batching and padding must not change a greedy token.
-    assert ours["identical_rows"] == 10 and static["identical_rows"] == 10
+    assert plain3["identical_rows"] == 10 and ours["identical_rows"] == 10 and static["identical_rows"] == 10
     assert all(r["generated_tokens"] > 0 and r["tokens_per_s"] > 0 for r in report["runs"])
     assert report["differing_rows_fp32"] == []
 

@@ -11,7 +11,7 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
   micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
-  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
+  rows at once), checkpointing, vocabulary logits 16 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -46,7 +46,7 @@ PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
     "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
-               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
+               "sampling": "random", "loss_chunk_tokens": 16, "max_seq_length": 2048},
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
@@ -277,8 +277,27 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
     return row
 
 
+def finished_runs(out: Path | None, workload: dict[str, Any]) -> list[dict[str, Any]]:
+    """`--resume`: the runs of an earlier report at `out` that finished on the same workload.
+
+    A report written for another workload (shape, rows, steps, data) is refused rather than mixed."""
+    if out is None:
+        raise UserError("bench --resume needs --out (the report to continue)")
+    if not out.exists():
+        return []
+    try:
+        earlier = json.loads(out.read_text())
+    except ValueError as exc:
+        raise UserError(f"bench --resume: {out} is not a JSON report ({exc})") from None
+    if earlier.get("workload") != workload:
+        raise UserError(f"bench --resume: {out} was written for another workload ({earlier.get('workload')});"
+                        " use a new --out")
+    return [run for run in earlier.get("runs", []) if "error" not in run]
+
+
 def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape: str, tokenizer: str,
-              data_dir: str | None, rows_per_source: int, max_steps: int, out: Path | None) -> dict[str, Any]:
+              data_dir: str | None, rows_per_source: int, max_steps: int, out: Path | None,
+              resume: bool = False) -> dict[str, Any]:
     from peftlab.rundir import hardware, package_versions
 
     for method in methods:
@@ -289,16 +308,22 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
             raise UserError(f"bench --profiles: unknown profile '{profile}' (known: {', '.join(PROFILES)})")
     gpu = hardware().get("gpu")
     plan = [(m, p) for m in methods for p in ([*profiles, "reference"] if reference else profiles)]
-    report: dict[str, Any] = {"gpu": gpu or "cpu", "versions": package_versions(),
-                              "command": " ".join(["peftlab", *sys.argv[1:]]), "runs": []}
     sources = default_sources(data_dir)
+    workload = {"shape": shape, "rows_per_source": rows_per_source, "max_steps": max_steps,
+                "sources": [Path(s["path"]).name for s in sources]}
+    done = finished_runs(out, workload) if resume else []
+    report: dict[str, Any] = {"gpu": gpu or "cpu", "versions": package_versions(),
+                              "command": " ".join(["peftlab", *sys.argv[1:]]), "workload": workload, "runs": done}
     for index, (method, profile) in enumerate(plan, start=1):
+        if any(r["method"] == method and r["profile"] == profile for r in done):
+            print(f"[{index}/{len(plan)}] {method} / {profile}: kept from {out}", file=sys.stderr, flush=True)
+            continue
         print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
             spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps, work)
             result = _run_worker(spec, Path(work))
         row = bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile, **result}
-        report["runs"].append(row)
+        report["runs"] = [*(r for r in report["runs"] if (r["method"], r["profile"]) != (method, profile)), row]
         if out is not None:
             _write(out, report)
     print(format_table(report["runs"]), file=sys.stderr)

@@ -62,13 +62,14 @@ def _timed(fn) -> tuple[Any, float, float]:
     return result, seconds, peak
 
 
-def plain_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, device) -> list[list[int]]:
-    """The study's loop: batches of 64 in order, `generate`, tokens after the prompt, cut at a stop."""
+def plain_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, device,
+                   batch: int = PLAIN_BATCH) -> list[list[int]]:
+    """The study's loop: batches of 64 (or `batch`) in order, `generate`, tokens after the prompt, cut at a stop."""
     decode = hf_greedy(model, tokenizer, max_new_tokens)
     stops = stop_token_ids(tokenizer)
     out: list[list[int]] = []
-    for start in range(0, len(encoded), PLAIN_BATCH):
-        ids, mask = left_pad(encoded[start:start + PLAIN_BATCH], tokenizer.pad_token_id, device)
+    for start in range(0, len(encoded), batch):
+        ids, mask = left_pad(encoded[start:start + batch], tokenizer.pad_token_id, device)
         out.extend(cut_at_stop(row, stops) for row in decode(ids, mask).tolist())
     return out
 
@@ -113,7 +114,10 @@ def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[i
 
 def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, data_dir: str | None,
                          rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
-                         work: Path) -> dict[str, Any]:
+                         work: Path, plain_batches: tuple[int, ...] = ()) -> dict[str, Any]:
+    """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
+    plain greedy decoding itself changes when only the batch size changes (the noise floor of the
+    identical-rows fraction in bf16)."""
     from peftlab.config import ModelConfig
     from peftlab.models import avoid_cudnn_attention, device_name, load_model, load_tokenizer
     from peftlab.rundir import hardware, package_versions
@@ -130,17 +134,19 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_config, device=device, dtype=dtype).eval()
     encoded = encode_prompts(tok, texts)
-    def plain_default_backends() -> list[list[int]]:
+    def plain_default_backends(rows: int) -> list[list[int]]:
         # The study's setting as a user gets it: torch's default SDPA backends (cuDNN included).
         torch.backends.cuda.enable_cudnn_sdp(True)
         try:
-            return plain_generate(model, tok, encoded, max_new_tokens, device)
+            return plain_generate(model, tok, encoded, max_new_tokens, device, rows)
         finally:
             if device == "cuda":
                 avoid_cudnn_attention()
 
-    variants = [("plain", PLAIN_BATCH, plain_default_backends),
-                ("ours", batch, lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False))]
+    variants = [("plain", PLAIN_BATCH, lambda: plain_default_backends(PLAIN_BATCH))]
+    variants += [(f"plain-b{rows}", rows, lambda rows=rows: plain_default_backends(rows))
+                 for rows in plain_batches if rows != PLAIN_BATCH]
+    variants.append(("ours", batch, lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False)))
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))

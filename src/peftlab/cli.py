@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows-per-source", type=int, default=190)
     bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
     bench.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the finished runs of the report at --out (same workload) and run the rest")
     bench.add_argument("--generation", action="store_true",
                        help="time greedy decoding instead: plain generate (batch 64) vs the evaluator's path")
     bench.add_argument("--model", default=None,
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=320, help="--generation: prompts from the workload")
     bench.add_argument("--max-new-tokens", type=int, default=256, help="--generation: tokens per prompt")
     bench.add_argument("--batch", type=int, default=320, help="--generation: rows per batch of our path")
+    bench.add_argument("--plain-batches", default="64",
+                       help="--generation: batch sizes for plain generate (comma-separated; 64 is the reference);"
+                            " the others show how many rows plain decoding changes with the batch size alone")
     bench.add_argument("--static-cache", action="store_true",
                        help="--generation: also time our path with a static KV cache (compiled decoding step)")
 
@@ -161,7 +166,7 @@ def run_command(args: argparse.Namespace) -> int:
         report = run_bench(
             [m for m in args.methods.split(",") if m], [p for p in args.profiles.split(",") if p],
             reference=args.reference, shape=args.shape, tokenizer=args.tokenizer, data_dir=args.data,
-            rows_per_source=args.rows_per_source, max_steps=args.max_steps, out=args.out,
+            rows_per_source=args.rows_per_source, max_steps=args.max_steps, out=args.out, resume=args.resume,
         )
         if args.out is None:
             print(json.dumps(report, indent=2))
@@ -182,12 +187,18 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source"):
         if getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
+    try:
+        plain_batches = tuple(int(item) for item in args.plain_batches.split(",") if item.strip())
+    except ValueError:
+        raise UserError(f"bench --plain-batches: expected comma-separated integers, got {args.plain_batches!r}") from None
+    if any(rows < 1 for rows in plain_batches):
+        raise UserError("bench --plain-batches: every batch size must be at least 1")
     with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:
         report = run_generation_bench(
             shape=None if args.model else args.shape, model_name=args.model or args.tokenizer,
             tokenizer=args.tokenizer, data_dir=args.data, rows_per_source=args.rows_per_source,
             prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
-            static=args.static_cache, work=Path(work),
+            static=args.static_cache, work=Path(work), plain_batches=plain_batches,
         )
     if args.out is not None:
         write_json(args.out, report)
