@@ -11,7 +11,7 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
   micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
-  rows at once), checkpointing, vocabulary logits 16 tokens at a time; GaLore with 8-bit Adam states.
+  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -46,7 +46,7 @@ PROFILES = {
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
              "loss_chunk_tokens": 1024},
     "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
-               "sampling": "random", "loss_chunk_tokens": 16, "max_seq_length": 2048},
+               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
