@@ -41,9 +41,22 @@ def study_overrides(tokenizer: str, samples: str, steps: int, shape: str) -> lis
     ] + [f"methods.{m}.max_steps={steps}" for m in ("lora", "full", "qlora", "galore")]
 
 
+VARIANTS = ("", "same", "fsdp")
+
+
+def parse_spec(spec: str) -> tuple[str, int, str]:
+    """METHOD:GPUS[:same|:fsdp] -> (method, gpus, variant); `same` and `fsdp` need 2+ GPUs."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise SystemExit(f"ddp_scaling: bad run '{spec}': expected METHOD:GPUS[:same|:fsdp], e.g. lora:2:fsdp")
+    variant = parts[2] if len(parts) == 3 else ""
+    if variant not in VARIANTS or (variant and int(parts[1]) < 2):
+        raise SystemExit(f"ddp_scaling: bad run '{spec}': the variant is 'same' or 'fsdp', on 2 or more GPUs")
+    return parts[0], int(parts[1]), variant
+
+
 def run_one(spec: str, base_flags: list[str], run_root: Path) -> dict:
-    method, gpus, *rest = spec.split(":")
-    variant = rest[0] if rest else ""
+    method, gpus, variant = parse_spec(spec)
     out = run_root / spec.replace(":", "-")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data").exists():
@@ -52,10 +65,10 @@ def run_one(spec: str, base_flags: list[str], run_root: Path) -> dict:
     if variant == "same":
         flags += ["--set", f"methods.{method}.grad_accum=2"]
     command = [sys.executable, "-m", "peftlab", "train", "samples", "--method", method, "--out", str(out),
-               "--gpus", gpus, *flags, *(["--fsdp"] if variant == "fsdp" else [])]
+               "--gpus", str(gpus), *flags, *(["--fsdp"] if variant == "fsdp" else [])]
     started = time.perf_counter()
     done = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-    entry: dict = {"run": spec, "method": method, "gpus": int(gpus), "variant": (variant or "ddp") if gpus != "1" else "single",
+    entry: dict = {"run": spec, "method": method, "gpus": gpus, "variant": (variant or "ddp") if gpus > 1 else "single",
                    "exit_code": done.returncode, "wall_s": time.perf_counter() - started}
     path = out / "train" / method / "metrics.json"
     if done.returncode == 0 and path.exists():
@@ -70,13 +83,14 @@ def run_one(spec: str, base_flags: list[str], run_root: Path) -> dict:
 
 def speedups(runs: list[dict]) -> list[dict]:
     """2-GPU runs against the 1-GPU run of the same method: loop and steady tokens/s ratios."""
-    single = {r["method"]: r for r in runs if r["gpus"] == 1 and r.get("tokens_per_s")}
+    single = {r["method"]: r for r in runs if r["variant"] == "single" and r.get("tokens_per_s")}
     rows = []
     for run in runs:
         one = single.get(run["method"])
         if run["gpus"] > 1 and one and run.get("tokens_per_s"):
+            steady, base = run.get("steady_tokens_per_s"), one.get("steady_tokens_per_s")
             rows.append({"run": run["run"], "loop_speedup": run["tokens_per_s"] / one["tokens_per_s"],
-                         "steady_speedup": (run.get("steady_tokens_per_s") or 0) / (one.get("steady_tokens_per_s") or 1)})
+                         "steady_speedup": steady / base if steady and base else None})
     return rows
 
 
@@ -88,8 +102,11 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--shape", default="builtin:gemma-3-1b", help="model shape (a tiny one for a CPU try)")
-    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/peftlab-ddp"))
+    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/peftlab-ddp"),
+                        help="prepared data is reused from here: use a new folder for other samples/tokenizer/shape")
     args = parser.parse_args()
+    for spec in args.runs:
+        parse_spec(spec)  # every spec is checked before anything runs
     sets = study_overrides(args.tokenizer, args.samples, args.steps, args.shape)
     flags = [x for item in sets for x in ("--set", item)]
     if not (args.run_dir / "data").exists():

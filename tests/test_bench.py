@@ -35,9 +35,13 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     assert [(r["method"], r["profile"], r.get("kept")) for r in resumed["runs"]] == [
         ("lora", "fast", True), ("lora", "lowmem", None)]
     assert "lora / fast: kept from" in capsys.readouterr().err
+    assert resumed["kept_runs"] == [["lora", "fast"]]
     # A report of another workload is refused, not mixed in.
     assert main([*args[:-5], "--max-steps", "2", "--out", str(out), "--resume"]) == 2
     assert "another workload" in capsys.readouterr().err
+    out.write_text("[]")
+    assert main(args) == 2
+    assert "is not a bench report" in capsys.readouterr().err
 
 
 def test_unknown_method_is_a_user_error(capsys):

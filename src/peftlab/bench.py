@@ -9,6 +9,7 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
   logits 1,024 tokens at a time.
 - `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
+- `fast-compile`: `fast` with every decoder layer compiled (`torch_compile`; the first steps compile).
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
   micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
   rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
@@ -49,11 +50,13 @@ PROFILES = {
                "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
+PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; fast QLoRA
 # computes its 4-bit matmuls in bf16 (the model's dtype: no fp16 round trip per layer).
 METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}},
                   ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}}}
 METHOD_PROFILE[("qlora", "fast-liger")] = METHOD_PROFILE[("qlora", "fast")]
+METHOD_PROFILE[("qlora", "fast-compile")] = METHOD_PROFILE[("qlora", "fast")]
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
@@ -289,10 +292,20 @@ def finished_runs(out: Path | None, workload: dict[str, Any]) -> list[dict[str, 
         earlier = json.loads(out.read_text())
     except ValueError as exc:
         raise UserError(f"bench --resume: {out} is not a JSON report ({exc})") from None
-    if earlier.get("workload") != workload:
-        raise UserError(f"bench --resume: {out} was written for another workload ({earlier.get('workload')});"
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
+        raise UserError(f"bench --resume: {out} is not a bench report (no runs list)")
+    if "workload" not in earlier:
+        raise UserError(f"bench --resume: {out} predates --resume (it records no workload); use a new --out")
+    if earlier["workload"] != workload:
+        raise UserError(f"bench --resume: {out} was written for another workload ({earlier['workload']});"
                         " use a new --out")
-    return [run for run in earlier.get("runs", []) if "error" not in run]
+    return [run for run in earlier["runs"] if isinstance(run, dict) and "error" not in run]
+
+
+def plan_order(runs: list[dict[str, Any]], plan: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Runs in the order of the plan (kept and new ones alike); runs outside the plan last."""
+    position = {pair: index for index, pair in enumerate(plan)}
+    return sorted(runs, key=lambda run: position.get((run["method"], run["profile"]), len(plan)))
 
 
 def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape: str, tokenizer: str,
@@ -307,13 +320,16 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
         if profile not in PROFILES:
             raise UserError(f"bench --profiles: unknown profile '{profile}' (known: {', '.join(PROFILES)})")
     gpu = hardware().get("gpu")
-    plan = [(m, p) for m in methods for p in ([*profiles, "reference"] if reference else profiles)]
+    plan = list(dict.fromkeys((m, p) for m in methods for p in ([*profiles, "reference"] if reference else profiles)))
     sources = default_sources(data_dir)
-    workload = {"shape": shape, "rows_per_source": rows_per_source, "max_steps": max_steps,
-                "sources": [Path(s["path"]).name for s in sources]}
+    workload = {"gpu": gpu or "cpu", "shape": shape, "tokenizer": tokenizer, "rows_per_source": rows_per_source, "max_steps": max_steps,
+                "sources": [s["path"] if s["path"].startswith("demo:") else str(Path(s["path"]).resolve())
+                            for s in sources]}
     done = finished_runs(out, workload) if resume else []
     report: dict[str, Any] = {"gpu": gpu or "cpu", "versions": package_versions(),
                               "command": " ".join(["peftlab", *sys.argv[1:]]), "workload": workload, "runs": done}
+    if resume:
+        report["kept_runs"] = [[r["method"], r["profile"]] for r in done]
     for index, (method, profile) in enumerate(plan, start=1):
         if any(r["method"] == method and r["profile"] == profile for r in done):
             print(f"[{index}/{len(plan)}] {method} / {profile}: kept from {out}", file=sys.stderr, flush=True)
@@ -323,7 +339,7 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
             spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps, work)
             result = _run_worker(spec, Path(work))
         row = bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile, **result}
-        report["runs"] = [*(r for r in report["runs"] if (r["method"], r["profile"]) != (method, profile)), row]
+        report["runs"] = plan_order([*report["runs"], row], plan)
         if out is not None:
             _write(out, report)
     print(format_table(report["runs"]), file=sys.stderr)

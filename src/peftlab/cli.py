@@ -188,7 +188,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
         if getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
     try:
-        plain_batches = tuple(int(item) for item in args.plain_batches.split(",") if item.strip())
+        plain_batches = tuple(dict.fromkeys(int(item) for item in args.plain_batches.split(",") if item.strip()))
     except ValueError:
         raise UserError(f"bench --plain-batches: expected comma-separated integers, got {args.plain_batches!r}") from None
     if any(rows < 1 for rows in plain_batches):

@@ -133,6 +133,9 @@ class MethodConfig:
     # Set: each batch runs forward/backward in slices of at most this many padded tokens (rows x
     # their longest), so the whole batch feeds one optimizer step at the memory of a slice.
     micro_batch_tokens: int | None = None
+    # Compile each decoder layer (torch.compile, dynamic shapes): fused element-wise kernels and far
+    # fewer launches per step; the first steps pay the compilation.
+    torch_compile: bool = False
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
