@@ -8,8 +8,12 @@ the memory at the start of training (weights + optimizer setup) vs the peak.
 All runs share one process: liger-kernel's patches (a `fast-liger` run) stay on for every later run,
 so list `fast-liger` runs last or profile them in their own invocation.
 
+With `--memory` it records the CUDA allocator's history instead and lists, at the moment allocated
+memory peaked, which code holds how much (`peftlab.train.meter.peak_allocation_sites`).
+
 Usage (GPU machine, repository root):
     python benchmarks/profile_train.py --data DIR --tokenizer DIR --out OUT.json qlora:fast galore:fast qlora:lowmem
+    python benchmarks/profile_train.py --memory --steps 3 --data DIR --tokenizer DIR --out MEM.json qlora:lowmem
 """
 
 from __future__ import annotations
@@ -28,6 +32,30 @@ from transformers import TrainerCallback
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class RecordMemory(TrainerCallback):
+    """`--memory`: the allocator's history from the start of training (no time profile: it would slow
+    the host further); `result()` names the code holding the memory at the peak."""
+
+    def __init__(self) -> None:
+        self.baseline = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.baseline = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+
+    def result(self) -> dict:
+        from peftlab.train.meter import peak_allocation_sites
+
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        trace = snapshot["device_traces"][torch.cuda.current_device()]
+        found = peak_allocation_sites(trace, self.baseline, top=25)
+        for site in found["sites"]:
+            site["mib"] = site.pop("bytes") / 2**20
+        return {"memory_at_train_start_gib": self.baseline / 2**30, "trace_peak_gib": found.pop("peak_bytes") / 2**30,
+                "trace_recorded_peak_mib": found.pop("recorded_peak_bytes") / 2**20, **found}
 
 
 class ProfileSteps(TrainerCallback):
@@ -60,6 +88,21 @@ def top_ops(profiler, key: str, count: int = 20) -> list[dict]:
     rows = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:count]
     return [{"op": e.key, "calls": e.count, "self_gpu_ms": e.self_device_time_total / 1e3,
              "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows]
+
+
+def memory_one(method: str, profile: str, args) -> dict:
+    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.train import runner
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-memory-") as work:
+        spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
+                         args.steps, work)
+        config, run_dir = prepare_workload(spec)
+        callback = RecordMemory()
+        metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
+        found = callback.result()
+    return {"method": method, "profile": profile, "steps": args.steps, "peak_alloc_gib": metrics["peak_gpu_alloc_gib"],
+            **found}
 
 
 def profile_one(method: str, profile: str, args) -> dict:
@@ -101,6 +144,9 @@ def main() -> int:
     parser.add_argument("--shape", default="builtin:gemma-3-1b")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of the time profile: record the allocator's history over --steps steps and"
+                             " list the code holding memory at the peak")
     args = parser.parse_args()
     if args.steps < 3:
         parser.error("--steps must be at least 3 (profiling starts at step 3)")
@@ -108,14 +154,17 @@ def main() -> int:
     for item in args.runs:
         method, profile = item.split(":")
         try:
-            report["runs"].append(profile_one(method, profile, args))
+            report["runs"].append((memory_one if args.memory else profile_one)(method, profile, args))
         except Exception as exc:
             report["runs"].append({"method": method, "profile": profile, "error": f"{type(exc).__name__}: {exc}"[:400]})
         args.out.write_text(json.dumps(report, indent=2))
         last = report["runs"][-1]
         print(json.dumps({k: last.get(k) for k in ("method", "profile", "wall_ms_per_step", "gpu_busy_fraction",
-                                                    "memory_at_train_start_gib", "peak_alloc_gib", "error")}),
+                                                    "memory_at_train_start_gib", "peak_alloc_gib", "trace_peak_gib",
+                                                    "error")}),
               flush=True)
+        for site in last.get("sites", [])[:12]:
+            print(f"  {site['mib']:9.1f} MiB {site['blocks']:6d} blocks  {site['site']}", flush=True)
     return 0
 
 

@@ -106,3 +106,60 @@ class StepTimes(TrainerCallback):
             return {"first_step_s": None, "step_s_median": None}
         ordered = sorted(self.durations[1:] or self.durations)
         return {"first_step_s": self.durations[0], "step_s_median": ordered[len(ordered) // 2]}
+
+
+def peak_allocation_sites(trace: list[dict], baseline_bytes: int = 0, top: int = 15) -> dict:
+    """Where the allocated-memory peak of a recorded span comes from.
+
+    `trace` is one device's allocator history (`torch.cuda.memory._snapshot()["device_traces"][i]`
+    after `torch.cuda.memory._record_memory_history(stacks="python")`); `baseline_bytes` is what was
+    allocated when recording began (weights, optimizer setup). Replays alloc/free events, finds the
+    event at which allocated bytes peaked, and groups the allocations alive then by the innermost
+    Python frame outside torch (the code that asked for the memory). A block allocated before the
+    recording and freed during it lowers the running total by its size. (The memory_viz web page
+    shows the same data; this makes it a table a benchmark can commit.)
+    """
+    frees = {entry["action"] for entry in trace} & {"free_requested", "free_completed"}
+    free_action = "free_requested" if "free_requested" in frees else "free_completed"
+    current = peak = 0
+    peak_at = -1
+    live: dict[int, int] = {}
+    for index, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            live[entry["addr"]] = entry["size"]
+            current += entry["size"]
+            if current > peak:
+                peak, peak_at = current, index
+        elif entry["action"] == free_action:
+            current -= live.pop(entry["addr"], entry.get("size", 0))
+    alive: dict[int, dict] = {}
+    for entry in trace[:peak_at + 1]:
+        if entry["action"] == "alloc":
+            alive[entry["addr"]] = entry
+        elif entry["action"] == free_action:
+            alive.pop(entry["addr"], None)
+    sites: dict[str, dict] = {}
+    for entry in alive.values():
+        frames = _outside_torch(entry.get("frames") or [])
+        key = frames[0] if frames else "(no Python frame)"
+        site = sites.setdefault(key, {"site": key, "bytes": 0, "blocks": 0, "callers": frames[1:3]})
+        site["bytes"] += entry["size"]
+        site["blocks"] += 1
+    ranked = sorted(sites.values(), key=lambda site: site["bytes"], reverse=True)
+    return {"peak_bytes": baseline_bytes + peak, "baseline_bytes": baseline_bytes, "recorded_peak_bytes": peak,
+            "events": len(trace), "peak_event": peak_at, "sites": ranked[:top]}
+
+
+def _outside_torch(frames: list[dict]) -> list[str]:
+    """`file:line name` of the frames (innermost first) that are not torch's own code."""
+    shown = []
+    for frame in frames:
+        path = str(frame.get("filename", ""))
+        if "/torch/" in path or path.startswith("??") or not path:
+            continue
+        for marker in ("site-packages/", "src/"):
+            if marker in path:
+                path = path.split(marker, 1)[1]
+                break
+        shown.append(f"{path}:{frame.get('line')} {frame.get('name', '')}".rstrip())
+    return shown

@@ -1,0 +1,52 @@
+"""The resource meter's pure parts: where an allocator trace's peak comes from."""
+
+from __future__ import annotations
+
+from peftlab.train.meter import peak_allocation_sites
+
+
+def _frame(path: str, line: int, name: str) -> dict:
+    return {"filename": path, "line": line, "name": name}
+
+
+def _alloc(addr: int, size: int, *frames: dict) -> dict:
+    return {"action": "alloc", "addr": addr, "size": size, "frames": list(frames)}
+
+
+def _free(addr: int, size: int) -> dict:
+    return {"action": "free_requested", "addr": addr, "size": size}
+
+
+TORCH = _frame("/venv/lib/python3.12/site-packages/torch/nn/functional.py", 10, "linear")
+LOSS = _frame("/work/src/peftlab/train/runner.py", 40, "chunk_loss")
+MLP = _frame("/venv/lib/python3.12/site-packages/transformers/models/gemma3/modeling_gemma3.py", 99, "forward")
+
+
+def test_the_peak_is_located_and_grouped_by_the_code_that_allocated():
+    trace = [
+        _alloc(1, 100, TORCH, MLP), _alloc(2, 50, LOSS), _alloc(3, 30, TORCH, MLP),
+        _free(1, 100),                      # total 80 after this
+        _alloc(4, 60, LOSS),                # 140: not above the 180 peak
+        _free(99, 70),                      # a block from before the recording: 70
+        _alloc(5, 100, LOSS),               # 170 live in the trace, 100 of it new: no new peak
+        _free(2, 50), _free(3, 30),
+        {"action": "free_completed", "addr": 4, "size": 60},  # ignored: frees count once, when requested
+    ]
+    result = peak_allocation_sites(trace, baseline_bytes=1000)
+    assert result["recorded_peak_bytes"] == 180 and result["peak_bytes"] == 1180
+    assert result["peak_event"] == 2
+    sites = {site["site"]: site for site in result["sites"]}
+    # At the peak: blocks 1 and 3 (the MLP, reached through torch) and block 2 (the loss).
+    assert sites["transformers/models/gemma3/modeling_gemma3.py:99 forward"]["bytes"] == 130
+    assert sites["transformers/models/gemma3/modeling_gemma3.py:99 forward"]["blocks"] == 2
+    assert sites["peftlab/train/runner.py:40 chunk_loss"]["bytes"] == 50
+    assert [s["bytes"] for s in result["sites"]] == [130, 50]
+
+
+def test_a_later_higher_peak_wins_and_free_completed_is_used_when_alone():
+    trace = [_alloc(1, 10, LOSS), {"action": "free_completed", "addr": 1, "size": 10}, _alloc(2, 25, MLP),
+             _alloc(3, 5, {"filename": "??", "line": 0, "name": "?"})]
+    result = peak_allocation_sites(trace)
+    assert result["recorded_peak_bytes"] == 30 and result["peak_event"] == 3
+    assert {s["site"] for s in result["sites"]} == {"transformers/models/gemma3/modeling_gemma3.py:99 forward",
+                                                     "(no Python frame)"}
