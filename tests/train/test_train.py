@@ -301,13 +301,16 @@ def test_slices_without_a_trainer_token_count_give_the_whole_batch_gradient(smok
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_compiled_decoder_layers_give_the_same_training(smoke, tmp_path):
-    """`torch_compile` compiles each decoder layer in place: same loss curve, same saved adapter names."""
+@pytest.mark.parametrize("lowmem", [False, True])
+def test_compiled_decoder_layers_give_the_same_training(smoke, tmp_path, lowmem):
+    """`torch_compile` compiles each decoder layer in place: same loss curve, same saved adapter names;
+    also under activation checkpointing with token-budget slices (the lowmem combination)."""
     from safetensors import safe_open
 
     config, run_dir = smoke
     lora = replace(config.method("qlora").lora, dropout=0.0)
-    method = _method(config, "qlora", kind="lora", max_steps=2, batch_size=4, grad_accum=1, lora=lora)
+    extra = {"gradient_checkpointing": True, "micro_batch_tokens": 48} if lowmem else {}
+    method = _method(config, "qlora", kind="lora", max_steps=2, batch_size=4, grad_accum=1, lora=lora, **extra)
     from torch._dynamo.utils import counters
 
     eager = train_method(config, run_dir, "lora", method=method, out=tmp_path / "eager")
