@@ -38,24 +38,30 @@ class RecordMemory(TrainerCallback):
     """`--memory`: the allocator's history from the start of training (no time profile: it would slow
     the host further); `result()` names the code holding the memory at the peak."""
 
+    MAX_ENTRIES = 5_000_000  # a ring buffer: when full, the oldest events are gone and the replay is wrong
+
     def __init__(self) -> None:
         self.baseline = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.baseline = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+        torch.cuda.synchronize()
+        self.baseline = torch.cuda.memory_stats()["requested_bytes.all.current"]
+        torch.cuda.memory._record_memory_history(max_entries=self.MAX_ENTRIES, stacks="python")
 
     def result(self) -> dict:
         from peftlab.train.meter import peak_allocation_sites
 
-        snapshot = torch.cuda.memory._snapshot()
+        snapshot = torch.cuda.memory._snapshot(augment_with_fx_traces=True)
         torch.cuda.memory._record_memory_history(enabled=None)
         trace = snapshot["device_traces"][torch.cuda.current_device()]
         found = peak_allocation_sites(trace, self.baseline, top=25)
         for site in found["sites"]:
             site["mib"] = site.pop("bytes") / 2**20
+        stats = torch.cuda.memory_stats()
         return {"memory_at_train_start_gib": self.baseline / 2**30, "trace_peak_gib": found.pop("peak_bytes") / 2**30,
-                "trace_recorded_peak_mib": found.pop("recorded_peak_bytes") / 2**20, **found}
+                "requested_peak_gib": stats["requested_bytes.all.peak"] / 2**30,
+                "trace_recorded_peak_mib": found.pop("recorded_peak_bytes") / 2**20,
+                "trace_truncated": len(trace) >= self.MAX_ENTRIES, **found}
 
 
 class ProfileSteps(TrainerCallback):

@@ -132,3 +132,9 @@ def test_a_stage_with_epochs_ignores_the_methods_step_cap():
     assert config.method("qlora").max_steps == 12
     stage = stage_method(config, "qlora", 2.0, None)
     assert (stage.epochs, stage.max_steps) == (2.0, -1)
+
+
+def test_compile_and_liger_are_not_combined():
+    with pytest.raises(UserError, match=r"methods\.qlora\.torch_compile: not with model\.liger_kernel"):
+        load_config("smoke", ["methods.qlora.torch_compile=true", "model.liger_kernel=true"])
+    assert load_config("smoke", ["methods.qlora.torch_compile=true"]).method("qlora").torch_compile is True

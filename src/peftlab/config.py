@@ -445,6 +445,9 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         raise UserError(f"{where}.lora.dropout must be in [0, 1), got {method.lora.dropout}")
     if method.max_grad_norm < 0 or method.weight_decay < 0 or method.warmup_steps < 0:
         raise UserError(f"{where}: max_grad_norm, weight_decay and warmup_steps must not be negative")
+    if method.torch_compile and config.model.liger_kernel:
+        raise UserError(f"{where}.torch_compile: not with model.liger_kernel (liger's Triton kernels are not"
+                        " known to compile); set one of them to false")
     if method.kind == "hybrid":
         _validate_stages(config, name, method, where)
     elif method.stages:

@@ -29,6 +29,12 @@ def _method(config, name, **changes):
     return replace(config.method(name), **changes)
 
 
+def _tiny_layers() -> int:
+    from peftlab.models import read_model_config
+
+    return read_model_config("builtin:tiny-gemma3")["num_hidden_layers"]
+
+
 def _tiny_param_count() -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -317,7 +323,11 @@ def test_compiled_decoder_layers_give_the_same_training(smoke, tmp_path, lowmem)
     counters.clear()
     compiled = train_method(config, run_dir, "lora", method=replace(method, torch_compile=True),
                             out=tmp_path / "compiled")
-    assert counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled, not eager
+    # The layers really ran compiled: every frame dynamo met compiled, none fell back to eager.
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 0
+    assert compiled["notes"]["compile"]["frames_ok"] == compiled["notes"]["compile"]["frames_total"]
+    assert compiled["notes"]["compiled_layers"] == _tiny_layers()
     assert [p["loss"] for p in compiled["loss_curve"]] == pytest.approx([p["loss"] for p in eager["loss_curve"]],
                                                                          rel=1e-4)
     assert compiled["method_config"]["torch_compile"] is True
@@ -328,6 +338,26 @@ def test_compiled_decoder_layers_give_the_same_training(smoke, tmp_path, lowmem)
 
     assert adapter_keys(tmp_path / "compiled") == adapter_keys(tmp_path / "eager")
     assert not any("_orig_mod" in key for key in adapter_keys(tmp_path / "compiled"))
+
+
+def test_compile_survives_an_earlier_compiled_model_in_the_same_process(smoke, tmp_path):
+    """A study trains several methods in one process: each compiled model starts from fresh dynamo
+    caches, so an earlier one cannot use up the recompile limit and leave this one eager."""
+    import torch._dynamo
+
+    config, run_dir = smoke
+    lora = replace(config.method("qlora").lora, dropout=0.0)
+    method = _method(config, "qlora", kind="lora", max_steps=1, batch_size=4, grad_accum=1, lora=lora,
+                     torch_compile=True)
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 1  # raised again by compile_decoder_layers
+        for index in range(2):
+            metrics = train_method(config, run_dir, "lora", method=method, out=tmp_path / f"run{index}")
+            stats = metrics["notes"]["compile"]
+            assert stats["frames_ok"] == stats["frames_total"] > 0
+    finally:
+        torch._dynamo.config.recompile_limit = limit
 
 
 def test_compile_is_refused_under_fsdp(smoke):

@@ -113,11 +113,14 @@ def peak_allocation_sites(trace: list[dict], baseline_bytes: int = 0, top: int =
 
     `trace` is one device's allocator history (`torch.cuda.memory._snapshot()["device_traces"][i]`
     after `torch.cuda.memory._record_memory_history(stacks="python")`); `baseline_bytes` is what was
-    allocated when recording began (weights, optimizer setup). Replays alloc/free events, finds the
-    event at which allocated bytes peaked, and groups the allocations alive then by the innermost
-    Python frame outside torch (the code that asked for the memory). A block allocated before the
-    recording and freed during it lowers the running total by its size. (The memory_viz web page
-    shows the same data; this makes it a table a benchmark can commit.)
+    allocated when recording began (weights, optimizer setup), counted as the trace counts: requested
+    bytes (`memory_stats()["requested_bytes.all.current"]`), a little below `max_memory_allocated`,
+    which counts rounded blocks. Replays alloc/free events (a free counts when requested, as the
+    allocator's own statistics do), finds the event at which allocated bytes peaked, and groups the
+    allocations alive then by the innermost Python frame outside torch (the code that asked for the
+    memory). A block allocated before the recording and freed during it lowers the running total by
+    its size. (The memory_viz web page shows the same data; this makes it a table a benchmark can
+    commit.)
     """
     frees = {entry["action"] for entry in trace} & {"free_requested", "free_completed"}
     free_action = "free_requested" if "free_requested" in frees else "free_completed"
@@ -141,7 +144,7 @@ def peak_allocation_sites(trace: list[dict], baseline_bytes: int = 0, top: int =
     sites: dict[str, dict] = {}
     for entry in alive.values():
         frames = _outside_torch(entry.get("frames") or [])
-        key = frames[0] if frames else "(no Python frame)"
+        key = frames[0] if frames else "(no Python frame: autograd backward or C++)"
         site = sites.setdefault(key, {"site": key, "bytes": 0, "blocks": 0, "callers": frames[1:3]})
         site["bytes"] += entry["size"]
         site["blocks"] += 1
@@ -155,9 +158,10 @@ def _outside_torch(frames: list[dict]) -> list[str]:
     shown = []
     for frame in frames:
         path = str(frame.get("filename", ""))
-        if "/torch/" in path or path.startswith("??") or not path:
+        # torch's own code, Inductor's generated files and FX's `<eval_with_key>` name no user code.
+        if not path or "/torch/" in path or "torchinductor" in path or path.startswith(("??", "<")):
             continue
-        for marker in ("site-packages/", "src/"):
+        for marker in ("site-packages/", "dist-packages/", "src/"):
             if marker in path:
                 path = path.split(marker, 1)[1]
                 break

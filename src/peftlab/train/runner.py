@@ -160,15 +160,37 @@ def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mas
     return captured[-1]
 
 
+# Compiled graphs per layer code: the layers share one cache whose variants multiply (first layer's
+# input without grad vs the rest, batch of one vs more, attention mask or none): 8, torch's default,
+# is reached by one run of a 26-layer model, after which torch silently runs the layers eagerly.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
 def compile_decoder_layers(model) -> int:
     """Regional compilation: `torch.compile` each decoder layer in place (dynamic shapes), not the
-    whole model. The layers share one compiled graph per attention type, so compile time does not
-    grow with depth; parameter names (what is saved) do not change; the vocabulary projection and
-    the chunked loss stay eager. Returns the number of layers compiled."""
+    whole model. All layers share one compiled code cache, so compile time does not grow with
+    depth; parameter names (what is saved) do not change; the vocabulary projection and the chunked
+    loss stay eager. Dynamo's caches are reset first, so an earlier model in this process (a study
+    trains several) cannot use up the recompile limit. Returns the number of layers compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # compile_stats() then describes this model's run only
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     layers = _unwrap(model).get_decoder().layers
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def compile_stats() -> dict[str, int]:
+    """Frames dynamo was asked to compile and how many it did; fewer `ok` than `total` means some
+    calls fell back to eager (a graph break or a limit)."""
+    from torch._dynamo.utils import counters
+
+    return {"frames_total": int(counters["frames"]["total"]), "frames_ok": int(counters["frames"]["ok"]),
+            "unique_graphs": int(counters["stats"]["unique_graphs"])}
 
 
 def _unwrap(model):
@@ -305,7 +327,7 @@ def train_method(
     torch.manual_seed(method.seed)
     recipe = build(method.kind)(BuildContext(config.model, method, device, dtype, source, fsdp))
     if method.torch_compile:
-        compile_decoder_layers(recipe.model)
+        recipe.notes["compiled_layers"] = compile_decoder_layers(recipe.model)
     load_seconds = time.perf_counter() - started
     trainable, total = count_parameters(recipe.model)
 
@@ -331,6 +353,8 @@ def train_method(
     trainer.micro_batch_tokens = method.micro_batch_tokens
     with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    if method.torch_compile:
+        recipe.notes["compile"] = compile_stats()
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
         raise KeyboardInterrupt  # simulated interruption: checkpoints are kept, nothing is final
 
