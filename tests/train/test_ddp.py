@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftlab.config import load_config
 from peftlab.data.prepare import prepare_data
@@ -17,7 +18,9 @@ from peftlab.data.prepare import prepare_data
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def _train(run_dir: Path, out_name: str, gpus: int, batch: int, *flags: str) -> dict:
+def _train(run_dir: Path, out_name: str, gpus: int, batch: int, *flags: str, launch: tuple[str, ...] = ()) -> dict:
+    """Train the `lora` method (3 steps, in data order) with `batch` rows per process; `launch` replaces
+    the `peftlab` entry point (a test helper under torchrun)."""
     sets = ["--set", "methods.lora.kind=lora", "--set", "methods.lora.max_steps=3", "--set", "methods.lora.grad_accum=1",
             "--set", f"methods.lora.batch_size={batch}", "--set", "methods.lora.sampling=sequential",
             "--set", "methods.lora.lr=0.01", "--set", "methods.lora.lora.dropout=0.0"]
@@ -26,10 +29,18 @@ def _train(run_dir: Path, out_name: str, gpus: int, batch: int, *flags: str) -> 
         out.mkdir(parents=True, exist_ok=True)
         (out / "data").symlink_to(run_dir / "data")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "peftlab", "train", "smoke", "--method", "lora", "--out", str(out),
+    entry = list(launch) or ["-m", "peftlab"]
+    done = subprocess.run([sys.executable, *entry, "train", "smoke", "--method", "lora", "--out", str(out),
                            "--gpus", str(gpus), *sets, *flags], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "train" / "lora" / "metrics.json").read_text())
+
+
+def _fsdp_on_cpu(run_dir: Path, out_name: str, batch: int, *flags: str, helper: tuple[str, ...] = ()) -> dict:
+    """`--fsdp` on two gloo processes, accelerate's FSDP2 path forced on CPU by tests/train/fsdp_on_cpu.py."""
+    launch = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(Path(__file__).with_name("fsdp_on_cpu.py")), *helper)
+    return _train(run_dir, out_name, 1, batch, "--fsdp", *flags, launch=launch)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +50,13 @@ def prepared(tmp_path_factory, gemma_tokenizer):
     return run_dir
 
 
-def test_two_processes_match_one_with_the_same_effective_batch(prepared):
-    single = _train(prepared, "one", gpus=1, batch=8)
+@pytest.fixture(scope="module")
+def one_process(prepared):
+    return _train(prepared, "one", gpus=1, batch=8)
+
+
+def test_two_processes_match_one_with_the_same_effective_batch(prepared, one_process):
+    single = one_process
     double = _train(prepared, "two", gpus=2, batch=4)
     assert single["world_size"] == 1 and double["world_size"] == 2
     assert [r["rank"] for r in double["per_rank"]] == [0, 1]
@@ -65,6 +81,41 @@ def test_fsdp_is_refused_where_it_cannot_run(prepared):
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode != 0 and message in done.stderr
         assert not (prepared / "fsdp" / "train" / "lora" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp_computes_the_target_token_loss_inside_the_sharded_forward(prepared, one_process, kind):
+    """FSDP2 (forced on two gloo processes): the loss is computed inside the wrapped forward, in
+    16-token chunks recomputed in backward, with checkpointed layers: the one-process loss curve at
+    the same effective batch, and the vocabulary projection never sees more than one chunk."""
+    calls = prepared / f"head-{kind}.jsonl"
+    single = one_process if kind == "lora" else _train(prepared, "one-full", 1, 8, "--set", "methods.lora.kind=full",
+                                                       "--set", "methods.lora.lr=0.001")
+    changes = () if kind == "lora" else ("--set", "methods.lora.kind=full", "--set", "methods.lora.lr=0.001")
+    fsdp = _fsdp_on_cpu(prepared, f"fsdp-{kind}", 4, *changes, "--set", "methods.lora.loss_chunk_tokens=16",
+                        "--set", "methods.lora.gradient_checkpointing=true", helper=("--record-head", str(calls)))
+    assert fsdp["strategy"] == "fsdp" and fsdp["world_size"] == 2 and fsdp["kind"] == kind
+    assert fsdp["tokens_trained"] == single["tokens_trained"]
+    ours = [p["loss"] for p in fsdp["loss_curve"]]
+    assert len(ours) == 3 and ours == pytest.approx([p["loss"] for p in single["loss_curve"]], rel=1e-6)
+    heads = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert {h["rank"] for h in heads} == {"0", "1"}
+    assert all(h["fsdp"] for h in heads)  # the projection is a module of an FSDP unit
+    # Only (target tokens x hidden) chunks, never (rows x sequence x hidden): no full logits.
+    assert all(len(h["shape"]) == 2 and h["shape"][0] <= 16 for h in heads)
+    assert sum(h["shape"][0] for h in heads) > 4 * 16
+    saved = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    assert (prepared / f"fsdp-{kind}" / "train" / "lora" / "final" / saved).exists()
+
+
+def test_fsdp_under_bf16_mixed_precision_keeps_the_loss_in_fp32(prepared, one_process):
+    """With bf16 mixed precision FSDP casts the model's outputs, the loss too, to bf16; the reported
+    loss keeps its fp32 value (a bf16 value near 12.4 is a multiple of 1/16)."""
+    fsdp = _fsdp_on_cpu(prepared, "fsdp-bf16", 4, "--set", "methods.lora.loss_chunk_tokens=16", helper=("--bf16",))
+    assert fsdp["strategy"] == "fsdp" and fsdp["dtype"] == "bfloat16"
+    ours = [p["loss"] for p in fsdp["loss_curve"]]
+    assert all(float(torch.tensor(loss).bfloat16()) != loss for loss in ours)
+    assert ours == pytest.approx([p["loss"] for p in one_process["loss_curve"]], rel=1e-3)  # bf16 weights
 
 
 def test_fsdp_settings(smoke_config=None):

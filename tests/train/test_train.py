@@ -367,3 +367,64 @@ def test_compile_is_refused_under_fsdp(smoke):
     config, _ = smoke
     with pytest.raises(UserError, match="torch_compile is not supported with --fsdp"):
         check_fsdp("lora", _method(config, "qlora", kind="lora", torch_compile=True), 2)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_target_token_forward_gives_the_trainer_loss_and_gradients(smoke, tmp_path, wrapped):
+    """The forward FSDP runs (`target_tokens=`, through PEFT when wrapped) computes, in recomputed
+    chunks, the same loss and gradients as the single-process path; without the keyword the model
+    is unchanged."""
+    from transformers import TrainingArguments
+
+    from peftlab.methods.lora import lora_config
+    from peftlab.models import load_model
+    from peftlab.train.runner import TargetTokens, enable_target_token_forward
+
+    config, run_dir = smoke
+    model = load_model(config.model, device="cpu", dtype=torch.float32, seed=0)
+    if wrapped:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(replace(config.method("qlora").lora, dropout=0.0)))
+        # Non-zero adapters, so that their gradients depend on the loss.
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+    rows = TokenizedRows(read_split(run_dir, "train")[:4], "assistant")
+    batch = PadCollator(0)([rows[i] for i in range(4)])
+    trainer = TargetTokenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                     report_to=[]))
+    trainer.loss_chunk_tokens = 16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    count = torch.tensor(1234.0)  # as the Trainer passes it: all ranks' targets over the accumulated batch
+    expected, expected_grads = loss_and_grads(lambda: trainer.compute_loss(model, batch, num_items_in_batch=count))
+    causal_lm = model.get_base_model() if wrapped else model
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    enable_target_token_forward(causal_lm)
+    enable_target_token_forward(causal_lm)  # once only
+    heads: list[tuple[int, ...]] = []
+    handle = causal_lm.get_output_embeddings().register_forward_pre_hook(lambda _m, args: heads.append(args[0].shape))
+    request = TargetTokens(batch["labels"], count, None, 16)
+    got, got_grads = loss_and_grads(lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                  target_tokens=request).loss)
+    handle.remove()
+    targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert targets > 3 * 16
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6) and request.value.item() == got.item()
+    assert got.dtype == torch.float32
+    for ours, theirs in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
+    # Only target-token chunks reach the vocabulary projection, each in forward and again in backward.
+    assert all(len(shape) == 2 and shape[0] <= 16 for shape in heads)
+    assert sum(shape[0] for shape in heads) == 2 * targets
+    with torch.no_grad():
+        unchanged = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(unchanged, plain)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftlab.config import MethodConfig, StudyConfig
 from peftlab.data.prepare import read_split, tokenizer_fingerprint
@@ -51,19 +53,83 @@ def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, 
     return total
 
 
+def target_token_mean(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, count, scale: int | None,
+                      chunk: int) -> torch.Tensor:
+    """The loss `compute_loss` returns, from the decoder's final hidden states: cross-entropy summed
+    over the target tokens (labels shifted by one, -100 ignored), divided by `count`, times `scale`."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
+                                 chunk)
+    loss = loss / count
+    if scale is not None:
+        loss = loss * scale
+    return loss
+
+
+class TargetTokens:
+    """A request, passed as the `target_tokens` keyword through the (FSDP-wrapped) model call, for the
+    target-token loss instead of logits (see `enable_target_token_forward`).
+
+    A plain object on purpose: FSDP's input and output casts traverse tensors, dataclasses and
+    containers, and must leave this one alone. `value` receives the loss in fp32 before FSDP's
+    mixed-precision policy casts the returned one to bf16.
+    """
+
+    def __init__(self, labels: torch.Tensor, count, scale: int | None, chunk: int) -> None:
+        self.labels, self.count, self.scale, self.chunk = labels, count, scale, chunk
+        self.value: torch.Tensor | None = None
+
+
+def enable_target_token_forward(causal_lm) -> None:
+    """Give `causal_lm` (this instance only) a forward that, when called with `target_tokens=`, returns
+    the target-token loss (`target_token_mean`) as `loss` and no logits; without it, the usual forward.
+
+    Under FSDP the tied embedding / vocabulary projection is sharded outside the wrapped forward, so
+    the chunked loss must run inside it: the Trainer calls the root (PEFT model or the causal LM),
+    PEFT passes the keyword on to this forward, and the root's gathered weights serve the chunks in
+    forward and, until the end of backward, their recomputation.
+    """
+    if getattr(causal_lm, "_target_token_forward", False):
+        return
+    original = causal_lm.forward
+
+    @functools.wraps(original)
+    def forward(*args, target_tokens: TargetTokens | None = None, **kwargs):
+        if target_tokens is None:
+            return original(*args, **kwargs)
+        hidden = causal_lm.get_decoder()(input_ids=kwargs["input_ids"],
+                                          attention_mask=kwargs["attention_mask"]).last_hidden_state
+        loss = target_token_mean(causal_lm, hidden, target_tokens.labels, target_tokens.count, target_tokens.scale,
+                                 target_tokens.chunk)
+        target_tokens.value = loss.detach()
+        return CausalLMOutputWithPast(loss=loss)
+
+    causal_lm.forward = forward
+    causal_lm._target_token_forward = True
+
+
 class TargetTokenTrainer(Trainer):
     """`Trainer` whose loss computes vocabulary logits only at positions that have a target.
 
     The vocabulary is 262,144 for Gemma 3: logits for every position of every row dominate memory
     and time, while the loss needs them only where labels are set (assistant tokens by default),
     and even those are computed in recomputed chunks. The value equals the usual token-mean
-    cross-entropy over the accumulated batch (tested).
+    cross-entropy over the accumulated batch (tested). Under FSDP the same loss is computed inside the
+    wrapped forward (`enable_target_token_forward`).
     """
 
     tokens_seen: torch.Tensor | None = None
     loss_chunk_tokens: int = 256
     micro_batch_tokens: int | None = None
     _batch_targets: torch.Tensor | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
+            enable_target_token_forward(_unwrap(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
@@ -94,30 +160,32 @@ class TargetTokenTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seen = inputs["attention_mask"].sum()
         self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
-        if self.is_fsdp_enabled:
-            # Sharded weights exist whole only inside the wrapped forward, so the vocabulary projection
-            # cannot run outside it: use the model's own (full-logits) loss, the same value.
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # FSDP's mixed-precision policy casts outputs, the loss too, to bf16: keep it fp32.
-            return (result[0].float(), *result[1:]) if return_outputs else result.float()
         labels = inputs["labels"]
-        causal_lm = _unwrap(model)
-        # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
-        with self.accelerator.autocast():
-            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
-        targets = labels[:, 1:]
-        keep = targets != -100
-        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
-                                     self.loss_chunk_tokens)
         if num_items_in_batch is not None:
             count = num_items_in_batch
         else:
-            count = self._batch_targets if self._batch_targets is not None else keep.sum()
-        loss = loss / count
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # `count` is the token count of all ranks, and DDP averages gradients over ranks.
-            loss = loss * self.accelerator.num_processes
+            count = self._batch_targets if self._batch_targets is not None else (labels[:, 1:] != -100).sum()
+        # `count` is the token count of all ranks, and DDP / FSDP average gradients over ranks.
+        scale = (self.accelerator.num_processes
+                 if num_items_in_batch is not None and self.args.average_tokens_across_devices else None)
+        causal_lm = _unwrap(model)
+        if self.is_fsdp_enabled:
+            # Sharded weights exist whole only inside the wrapped forward: the loss is computed there
+            # (`enable_target_token_forward`), through the root so that FSDP gathers them.
+            request = TargetTokens(labels, count, scale, self.loss_chunk_tokens)
+            with self.accelerator.autocast():
+                returned = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 target_tokens=request).loss
+            loss = returned.float()
+            if returned.dtype != torch.float32:
+                # FSDP's mixed-precision policy cast the returned loss to bf16: restore the fp32 value;
+                # the gradient still flows through `returned` (FSDP's pre-backward hooks are on it).
+                loss = loss + (request.value - loss.detach())
+            return (loss, None) if return_outputs else loss
+        # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+        loss = target_token_mean(causal_lm, hidden, labels, count, scale, self.loss_chunk_tokens)
         return (loss, None) if return_outputs else loss
 
 
