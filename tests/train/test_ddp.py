@@ -105,7 +105,20 @@ def test_fsdp_computes_the_target_token_loss_inside_the_sharded_forward(prepared
     assert all(len(h["shape"]) == 2 and h["shape"][0] <= 16 for h in heads)
     assert sum(h["shape"][0] for h in heads) > 4 * 16
     saved = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
-    assert (prepared / f"fsdp-{kind}" / "train" / "lora" / "final" / saved).exists()
+    final = prepared / f"fsdp-{kind}" / "train" / "lora" / "final"
+    assert (final / saved).exists()
+    if kind == "full":
+        # The gathered weights are saved once: the tied head is not a second copy of the embedding,
+        # and the saved model equals the one-process model's format (and loads with its head tied).
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        with safe_open(str(final / saved), "pt") as handle, \
+                safe_open(str(prepared / "one-full" / "train" / "lora" / "final" / saved), "pt") as expected:
+            assert sorted(handle.keys()) == sorted(expected.keys())
+            assert "lm_head.weight" not in list(handle.keys())
+        model = AutoModelForCausalLM.from_pretrained(final)
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def test_fsdp_under_bf16_mixed_precision_keeps_the_loss_in_fp32(prepared, one_process):

@@ -428,3 +428,32 @@ def test_target_token_forward_gives_the_trainer_loss_and_gradients(smoke, tmp_pa
     with torch.no_grad():
         unchanged = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(unchanged, plain)
+
+
+def test_drop_tied_head_removes_the_second_copy_from_one_file_or_shards(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from peftlab.train.runner import drop_tied_head
+
+    embed, other = torch.randn(8, 4), torch.randn(4, 4)
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file({"model.embed_tokens.weight": embed, "lm_head.weight": embed.clone(), "x": other},
+              str(single / "model.safetensors"))
+    assert drop_tied_head(single)
+    assert sorted(load_file(str(single / "model.safetensors"))) == ["model.embed_tokens.weight", "x"]
+    assert not drop_tied_head(single)  # nothing left to remove
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"model.embed_tokens.weight": embed}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({"lm_head.weight": embed.clone(), "x": other}, str(sharded / "model-00002-of-00002.safetensors"))
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors", "x": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert drop_tied_head(sharded)
+    assert list(load_file(str(sharded / "model-00002-of-00002.safetensors"))) == ["x"]
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"] and len(index["weight_map"]) == 2

@@ -279,6 +279,31 @@ class StopAfter(TrainerCallback):
         return control
 
 
+def drop_tied_head(directory: Path) -> bool:
+    """Remove `lm_head.weight` from a saved full model whose head is tied to the input embedding.
+
+    `save_pretrained` drops a tied head only when both names share one tensor; FSDP's gathered state
+    dict holds two copies (the 262k x 1152 embedding twice for Gemma 3), and loading re-ties them
+    anyway. Handles one file or an indexed set of shards; returns whether anything was removed."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = read_json(index_path) if index_path.exists() else None
+    names = [index["weight_map"]["lm_head.weight"]] if index and "lm_head.weight" in index["weight_map"] else (
+        ["model.safetensors"] if index is None and (directory / "model.safetensors").exists() else [])
+    removed = False
+    for name in names:
+        tensors = load_file(str(directory / name))
+        if tensors.pop("lm_head.weight", None) is None:
+            continue
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        removed = True
+    if removed and index is not None:
+        index["weight_map"].pop("lm_head.weight")
+        write_json(index_path, index)
+    return removed
+
+
 def allow_galore_checkpoints() -> None:
     """GaLore's optimizer state holds projector objects; allow exactly that class in weights-only loads."""
     try:
@@ -446,6 +471,8 @@ def train_method(
             for item in gathered.iterdir():
                 item.rename(final / item.name)
             gathered.rmdir()
+            if getattr(_unwrap(recipe.model).config, "tie_word_embeddings", False):
+                drop_tied_head(final)
         else:
             recipe.model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
