@@ -20,17 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def top_ops(profiler, key: str, count: int = 20) -> list[dict]:
-    rows = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:count]
-    return [{"op": e.key[:160], "calls": e.count, "self_gpu_ms": e.self_device_time_total / 1e3,
-             "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows]
+from profile_train import _sync, top_ops  # the sibling script (its folder is on sys.path when run as a script)
 
 
 def main() -> int:
