@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from profile_train import _sync, top_ops  # the sibling script (its folder is on sys.path when run as a script)
+
+# The sibling script: its folder is on sys.path when this one runs as a script.
+from profile_train import _sync, top_ops
 
 
 def main() -> int:
