@@ -154,8 +154,9 @@ def main() -> int:
                         help="instead of the time profile: record the allocator's history over --steps steps and"
                              " list the code holding memory at the peak")
     args = parser.parse_args()
-    if args.steps < 3:
-        parser.error("--steps must be at least 3 (profiling starts at step 3)")
+    if args.steps < (1 if args.memory else 3):
+        parser.error("--steps must be at least 3 (profiling starts at step 3)" if not args.memory
+                     else "--steps must be at least 1")
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
     for item in args.runs:
         method, profile = item.split(":")
