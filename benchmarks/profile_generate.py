@@ -30,6 +30,7 @@ def main() -> int:
     from peftlab.bench_generate import workload_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts, hf_greedy, left_pad
+    from peftlab.evaluate.static_decode import static_greedy
     from peftlab.models import device_name, load_model, load_tokenizer
 
     parser = argparse.ArgumentParser()
@@ -39,7 +40,11 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="real weights instead of the random --shape")
     parser.add_argument("--batch", type=int, default=320)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--static-cache", action="store_true")
+    parser.add_argument("--static-cache", action="store_true", help="--decoder generate: transformers' static cache")
+    parser.add_argument("--decoder", choices=("generate", "static"), default="generate",
+                        help="plain `generate`, or the evaluator's static-cache CUDA-graph decoder")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="keep each prompt's last N tokens (one long prompt pads the whole batch)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     device = device_name()
@@ -56,8 +61,13 @@ def main() -> int:
     encoded = encode_prompts(tokenizer, texts)
     # Longest first, as the evaluator batches them; random weights never stop early.
     encoded.sort(key=len, reverse=True)
+    if args.max_prompt_tokens:
+        encoded = [ids[-args.max_prompt_tokens:] for ids in encoded]
     ids, mask = left_pad(encoded, tokenizer.pad_token_id, device)
-    decode = hf_greedy(model, tokenizer, args.new_tokens, static_cache=args.static_cache)
+    if args.decoder == "static":
+        decode = static_greedy(model, tokenizer, args.new_tokens)
+    else:
+        decode = hf_greedy(model, tokenizer, args.new_tokens, static_cache=args.static_cache)
     _sync()
     started = time.perf_counter()
     decode(ids, mask)
@@ -79,7 +89,7 @@ def main() -> int:
     report = {
         "command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "batch": len(encoded), "prompt_tokens_max": len(encoded[0]), "prompt_tokens_mean": sum(map(len, encoded)) / len(encoded),
-        "decode_steps": steps, "static_cache": args.static_cache, "warmup_s": warmup_s,
+        "decode_steps": steps, "static_cache": args.static_cache, "decoder": args.decoder, "warmup_s": warmup_s,
         "profiled_wall_s": wall, "wall_ms_per_step": wall * 1e3 / steps, "gpu_busy_ms_per_step": busy_ms / steps,
         "gpu_busy_fraction": busy_ms / (wall * 1e3) if wall else None, "kernel_launches_per_step": launches / steps,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,

@@ -76,11 +76,13 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["prompts"] == 10
-    assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-static"]
-    plain, plain3, ours, static = report["runs"]
+    assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static"]
+    plain, plain3, ours, ours_generate, static = report["runs"]
     assert plain["batch"] == 64 and plain3["batch"] == 3 and ours["batch"] == 4
-    # fp32 on CPU: batching and padding must not change a greedy token.
-    assert plain3["identical_rows"] == 10 and ours["identical_rows"] == 10 and static["identical_rows"] == 10
+    # fp32 on CPU: batching, padding and the static-cache decoder must not change a greedy token.
+    assert all(r["identical_rows"] == 10 for r in (plain3, ours, ours_generate, static))
+    assert ours["decoder"]["batches"] == 3 and ours["decoder"]["decode_steps"] == 3 * 5
+    assert ours["decoder"]["graph_steps"] == 0  # no CUDA graphs on a CPU
     assert all(r["generated_tokens"] > 0 and r["tokens_per_s"] > 0 for r in report["runs"])
     assert report["differing_rows_fp32"] == []
 

@@ -5,10 +5,14 @@ model turn, greedy, `max_new_tokens` 256, bf16, SDPA. Runs:
 
 - `plain`: `model.generate` on batches of 64 in the workload's order with torch's default SDPA
   backends (the study's setting, as a user gets it);
-- `ours`: the evaluator's path (`peftlab.evaluate.generate`): length-sorted, left-padded batches of
-  `batch` rows, stopping at `<end_of_turn>`/EOS, SDPA without cuDNN (as `load_model` sets it);
-- `ours-static` (with `static=True`): the same with a static KV cache, which lets transformers
-  compile the decoding step (CUDA graphs); compile time is inside the measured wall time.
+- `ours`: the evaluator's path (`peftlab.evaluate.static_decode`): length-sorted, left-padded batches
+  of at most `batch` rows and `max_batch_tokens` padded tokens, a static KV cache, every decoding
+  step one CUDA graph replay (on a GPU), stopping when every row has hit `<end_of_turn>`/EOS, SDPA
+  without cuDNN (as `load_model` sets it); capture time is inside the measured wall time;
+- `ours-generate`: the evaluator's batches (`batch` rows, no token budget) through plain `generate`:
+  what length-sorting and a large batch alone buy;
+- `ours-static` (with `static=True`): `ours-generate` with transformers' static KV cache, which
+  compiles the decoding step (torch.compile); compile time is inside the measured wall time.
 
 Tokens/s = generated tokens (cut at the first stop token) / wall time of the decoding loop.
 Agreement = rows whose generated tokens equal plain's exactly. For each differing row the two
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 
 from peftlab.bench import BenchSpec, default_sources, prepare_workload
+from peftlab.config import EvaluateConfig
 from peftlab.data.chat import render_prompt
 from peftlab.data.prepare import read_split
 from peftlab.errors import UserError
@@ -38,6 +43,7 @@ from peftlab.evaluate.generate import (
     left_pad,
     stop_token_ids,
 )
+from peftlab.evaluate.static_decode import DecodeStats, static_greedy
 
 PLAIN_BATCH = 64
 
@@ -76,10 +82,18 @@ def plain_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: i
 
 def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
                   static: bool) -> list[list[int]]:
-    """The evaluator's path: length-sorted batches of `batch` rows."""
+    """Length-sorted batches of `batch` rows through `generate`."""
     decode = hf_greedy(model, tokenizer, max_new_tokens, static_cache=static)
     return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
-                              desc="ours")
+                              desc="ours-generate")
+
+
+def ours_decode(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
+                max_batch_tokens: int | None, stats: DecodeStats) -> list[list[int]]:
+    """The evaluator's path: the static-cache decoder over token-budgeted length-sorted batches."""
+    decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats)
+    return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
+                              desc="ours", max_batch_tokens=max_batch_tokens, new_tokens=max_new_tokens)
 
 
 def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[int]], ours: list[list[int]],
@@ -114,7 +128,8 @@ def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[i
 
 def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, data_dir: str | None,
                          rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
-                         work: Path, plain_batches: tuple[int, ...] = ()) -> dict[str, Any]:
+                         work: Path, plain_batches: tuple[int, ...] = (),
+                         max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
     identical-rows fraction in bf16)."""
@@ -146,7 +161,11 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     variants = [("plain", PLAIN_BATCH, lambda: plain_default_backends(PLAIN_BATCH))]
     variants += [(f"plain-b{rows}", rows, lambda rows=rows: plain_default_backends(rows))
                  for rows in plain_batches if rows != PLAIN_BATCH]
-    variants.append(("ours", batch, lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False)))
+    stats = DecodeStats()
+    variants.append(("ours", batch, lambda: ours_decode(model, tok, encoded, max_new_tokens, batch, device,
+                                                        max_batch_tokens, stats)))
+    variants.append(("ours-generate", batch,
+                     lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False)))
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
@@ -165,7 +184,8 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         identical = sum(a == b for a, b in zip(tokens, outputs["plain"], strict=True))
         runs.append({"run": name, "batch": rows_per_batch, "generated_tokens": generated, "seconds": seconds,
                      "tokens_per_s": generated / seconds, "peak_alloc_gib": peak,
-                     "identical_rows": identical, "identical_fraction": identical / len(tokens)})
+                     "identical_rows": identical, "identical_fraction": identical / len(tokens),
+                     **({"max_batch_tokens": max_batch_tokens, "decoder": stats.as_dict()} if name == "ours" else {})})
         print(f"{name:<12} batch {rows_per_batch:>4}  {generated / seconds:>9.0f} tokens/s  {seconds:7.1f} s"
               f"  identical to plain: {identical}/{len(tokens)}", file=sys.stderr, flush=True)
     if "plain" not in outputs:

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plain-batches", default="64",
                        help="--generation: batch sizes for plain generate (comma-separated; 64 is the reference);"
                             " the others show how many rows plain decoding changes with the batch size alone")
+    bench.add_argument("--max-batch-tokens", type=int, default=131072,
+                       help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
     bench.add_argument("--static-cache", action="store_true",
                        help="--generation: also time our path with a static KV cache (compiled decoding step)")
 
@@ -184,7 +186,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     from peftlab.bench_generate import run_generation_bench
     from peftlab.rundir import write_json
 
-    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source"):
+    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
     try:
@@ -199,6 +201,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
             tokenizer=args.tokenizer, data_dir=args.data, rows_per_source=args.rows_per_source,
             prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
             static=args.static_cache, work=Path(work), plain_batches=plain_batches,
+            max_batch_tokens=args.max_batch_tokens,
         )
     if args.out is not None:
         write_json(args.out, report)

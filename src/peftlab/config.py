@@ -158,6 +158,11 @@ class EnsembleConfig:
 class EvaluateConfig:
     max_new_tokens: int = 1024
     batch_size: int = 16
+    # `static`: our static-KV-cache decoder, each step one CUDA graph on a GPU (evaluate/static_decode.py);
+    # `generate`: plain `model.generate`. Both greedy; the ensemble always uses its own mixing loop.
+    decoder: Literal["static", "generate"] = "static"
+    # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
+    max_batch_tokens: int | None = 131072
     limit: int | None = None
     bootstrap_samples: int = 1000
     # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.
@@ -499,6 +504,8 @@ def _validate_evaluate(config: StudyConfig) -> None:
         raise UserError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1")
     if ev.bootstrap_samples < 1:
         raise UserError(f"evaluate.bootstrap_samples must be at least 1, got {ev.bootstrap_samples}")
+    if ev.max_batch_tokens is not None and ev.max_batch_tokens < 1:
+        raise UserError(f"evaluate.max_batch_tokens must be at least 1 (or null for no limit), got {ev.max_batch_tokens}")
     if ev.ensemble.validation_limit is not None and ev.ensemble.validation_limit < 1:
         raise UserError("evaluate.ensemble.validation_limit must be at least 1 (or null for all rows)")
     if ev.limit is not None and ev.limit < 1:

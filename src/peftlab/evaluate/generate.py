@@ -47,9 +47,20 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                          new_tokens: int = 0) -> list[list[int]]:
+    """Longest first, at most `batch_size` rows per batch and, with `max_tokens`, at most that many
+    padded tokens (rows x (longest prompt + `new_tokens`)) per batch: one long prompt then shares
+    its batch with few rows instead of padding hundreds of short ones to its length."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and (
+                max_tokens is None or (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + new_tokens) <= max_tokens):
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +84,11 @@ BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[int]], pad_id: int,
-                       stops: Sequence[int], batch_size: int, device, desc: str = "generate") -> list[list[int]]:
+                       stops: Sequence[int], batch_size: int, device, desc: str = "generate",
+                       max_batch_tokens: int | None = None, new_tokens: int = 0) -> list[list[int]]:
     """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order."""
     results: list[list[int]] = [[] for _ in encoded]
-    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
+    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size, max_batch_tokens, new_tokens)
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
         ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
         new_tokens = decode_batch(ids, mask).tolist()
@@ -86,12 +98,13 @@ def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[in
 
 
 def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
-                 device, desc: str = "generate") -> list[tuple[str, int]]:
+                 device, desc: str = "generate", max_batch_tokens: int | None = None,
+                 new_tokens: int = 0) -> list[tuple[str, int]]:
     """Generate for every prompt; return (decoded text, generated token count) in the prompts' order."""
     if not prompts:  # a process of a sharded run can get no rows
         return []
     tokens = generate_token_ids(decode_batch, encode_prompts(tokenizer, prompts), tokenizer.pad_token_id,
-                                stop_token_ids(tokenizer), batch_size, device, desc)
+                                stop_token_ids(tokenizer), batch_size, device, desc, max_batch_tokens, new_tokens)
     return [(tokenizer.decode(t, skip_special_tokens=True).strip(), len(t)) for t in tokens]
 
 

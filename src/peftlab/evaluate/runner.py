@@ -20,6 +20,7 @@ from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
 from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
+from peftlab.evaluate.static_decode import static_greedy
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, read_json, write_json
 
@@ -70,7 +71,8 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     mine = list(range(rank, len(examples), world))
     started = time.perf_counter()
     outputs = generate_all(decode, tokenizer, [examples[i].prompt for i in mine], config.evaluate.batch_size,
-                           device, desc=desc)
+                           device, desc=desc, max_batch_tokens=config.evaluate.max_batch_tokens,
+                           new_tokens=config.evaluate.max_new_tokens)
     if device == "cuda":
         torch.cuda.synchronize()
     if world > 1:
@@ -81,7 +83,10 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     seconds = time.perf_counter() - started
     tokens = sum(count for _, count in outputs)
     speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
-             "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size}
+             "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size,
+             "max_batch_tokens": config.evaluate.max_batch_tokens}
+    if hasattr(decode, "stats"):
+        speed["decoder"] = decode.stats.as_dict()
     return outputs, speed
 
 
@@ -144,7 +149,8 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
                               config.evaluate.max_new_tokens)
     else:
         model = load_eval_model(config, run_dir, name, device)
-        decode = hf_greedy(model, tokenizer, config.evaluate.max_new_tokens)
+        decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens)
+                  if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
     rank, world = _rank_world()
     if rank != 0:
