@@ -22,6 +22,7 @@ their logit gap says whether the split is a near-tie that bf16 rounding can flip
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -126,10 +127,32 @@ def near_tie_gaps(model, tokenizer, encoded: list[list[int]], plain: list[list[i
     return gaps
 
 
+def _run_variant(name: str, rows_per_batch: int, fn, runs: list[dict[str, Any]], outputs: dict[str, list[list[int]]],
+                 extra: dict[str, Any]) -> None:
+    """Time one decoding variant and compare its tokens with plain's; callables in `extra` are called after."""
+    try:
+        tokens, seconds, peak = _timed(fn)
+    except Exception as exc:
+        runs.append({"run": name, "batch": rows_per_batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        if name == "plain":
+            raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')}); nothing to compare") from exc
+        return
+    outputs[name] = tokens
+    generated = sum(len(t) for t in tokens)
+    identical = sum(a == b for a, b in zip(tokens, outputs["plain"], strict=True))
+    runs.append({"run": name, "batch": rows_per_batch, "generated_tokens": generated, "seconds": seconds,
+                 "tokens_per_s": generated / seconds, "peak_alloc_gib": peak,
+                 "identical_rows": identical, "identical_fraction": identical / len(tokens),
+                 **{key: value() if callable(value) else value for key, value in extra.items()}})
+    print(f"{name:<12} batch {rows_per_batch:>4}  {generated / seconds:>9.0f} tokens/s  {seconds:7.1f} s"
+          f"  identical to plain: {identical}/{len(tokens)}", file=sys.stderr, flush=True)
+
+
 def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, data_dir: str | None,
                          rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
                          work: Path, plain_batches: tuple[int, ...] = (),
-                         max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens) -> dict[str, Any]:
+                         max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
+                         extra_budgets: tuple[int, ...] = (), liger: bool = False) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
     identical-rows fraction in bf16)."""
@@ -169,30 +192,28 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
+    for budget in extra_budgets:
+        variants.append((f"ours-t{budget}", batch,
+                         lambda budget=budget: ours_decode(model, tok, encoded, max_new_tokens, batch, device,
+                                                           budget, DecodeStats())))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
     for name, rows_per_batch, fn in variants:
-        try:
-            tokens, seconds, peak = _timed(fn)
-        except Exception as exc:
-            runs.append({"run": name, "batch": rows_per_batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-            continue
-        outputs[name] = tokens
-        generated = sum(len(t) for t in tokens)
-        if "plain" not in outputs:
-            raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')}); nothing to compare")
-        identical = sum(a == b for a, b in zip(tokens, outputs["plain"], strict=True))
-        runs.append({"run": name, "batch": rows_per_batch, "generated_tokens": generated, "seconds": seconds,
-                     "tokens_per_s": generated / seconds, "peak_alloc_gib": peak,
-                     "identical_rows": identical, "identical_fraction": identical / len(tokens),
-                     **({"max_batch_tokens": max_batch_tokens, "decoder": stats.as_dict()} if name == "ours" else {})})
-        print(f"{name:<12} batch {rows_per_batch:>4}  {generated / seconds:>9.0f} tokens/s  {seconds:7.1f} s"
-              f"  identical to plain: {identical}/{len(tokens)}", file=sys.stderr, flush=True)
+        _run_variant(name, rows_per_batch, fn, runs, outputs,
+                     {"max_batch_tokens": max_batch_tokens, "decoder": stats.as_dict} if name == "ours" else {})
     if "plain" not in outputs:
         raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
     gaps = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
     margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
+    if liger and device == "cuda":
+        # A fresh bf16 model (the one above is fp32 now); liger patches module-level functions, so it runs last.
+        del model
+        liger_model = load_model(dataclasses.replace(model_config, liger_kernel=True), device=device, dtype=dtype).eval()
+        liger_stats = DecodeStats()
+        _run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,
+                                                              max_batch_tokens, liger_stats),
+                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "decoder": liger_stats.as_dict})
     return {
         "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
         "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,
