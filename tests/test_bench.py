@@ -73,11 +73,12 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
     out = tmp_path / "gen.json"
     assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
                  "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--plain-batches", "64,3",
-                 "--extra-budgets", "40",
+                 "--extra", "40:2", "--concurrent", "3",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["prompts"] == 10
-    assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static", "ours-t40"]
+    assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static",
+                                                  "ours-t40-c2"]
     plain, plain3, ours, ours_generate, static, budget = report["runs"]
     assert budget["identical_rows"] == 10 and budget["generated_tokens"] == ours["generated_tokens"]
     assert plain["batch"] == 64 and plain3["batch"] == 3 and ours["batch"] == 4

@@ -90,9 +90,9 @@ def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
 
 
 def ours_decode(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
-                max_batch_tokens: int | None, stats: DecodeStats) -> list[list[int]]:
+                max_batch_tokens: int | None, stats: DecodeStats, concurrent: int = 1) -> list[list[int]]:
     """The evaluator's path: the static-cache decoder over token-budgeted length-sorted batches."""
-    decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats)
+    decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats, concurrent=concurrent)
     return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
                               desc="ours", max_batch_tokens=max_batch_tokens, new_tokens=max_new_tokens)
 
@@ -152,10 +152,12 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          rows_per_source: int, prompts: int, max_new_tokens: int, batch: int, static: bool,
                          work: Path, plain_batches: tuple[int, ...] = (),
                          max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
-                         extra_budgets: tuple[int, ...] = (), liger: bool = False) -> dict[str, Any]:
+                         concurrent: int = EvaluateConfig.concurrent_batches,
+                         extra: tuple[tuple[int, int], ...] = (), liger: bool = False) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
-    identical-rows fraction in bf16)."""
+    identical-rows fraction in bf16). `extra`: (max_batch_tokens, concurrent) settings of our decoder to
+    time besides the chosen one (runs `ours-t{tokens}-c{concurrent}`)."""
     from peftlab.config import ModelConfig
     from peftlab.models import avoid_cudnn_attention, device_name, load_model, load_tokenizer
     from peftlab.rundir import hardware, package_versions
@@ -186,21 +188,22 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                  for rows in plain_batches if rows != PLAIN_BATCH]
     stats = DecodeStats()
     variants.append(("ours", batch, lambda: ours_decode(model, tok, encoded, max_new_tokens, batch, device,
-                                                        max_batch_tokens, stats)))
+                                                        max_batch_tokens, stats, concurrent)))
     variants.append(("ours-generate", batch,
                      lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, False)))
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
-    for budget in extra_budgets:
-        variants.append((f"ours-t{budget}", batch,
-                         lambda budget=budget: ours_decode(model, tok, encoded, max_new_tokens, batch, device,
-                                                           budget, DecodeStats())))
+    for budget, streams in extra:
+        variants.append((f"ours-t{budget}-c{streams}", batch,
+                         lambda budget=budget, streams=streams: ours_decode(
+                             model, tok, encoded, max_new_tokens, batch, device, budget, DecodeStats(), streams)))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
     for name, rows_per_batch, fn in variants:
         _run_variant(name, rows_per_batch, fn, runs, outputs,
-                     {"max_batch_tokens": max_batch_tokens, "decoder": stats.as_dict} if name == "ours" else {})
+                     {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": stats.as_dict}
+                     if name == "ours" else {})
     if "plain" not in outputs:
         raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
@@ -212,8 +215,9 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         liger_model = load_model(dataclasses.replace(model_config, liger_kernel=True), device=device, dtype=dtype).eval()
         liger_stats = DecodeStats()
         _run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,
-                                                              max_batch_tokens, liger_stats),
-                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "decoder": liger_stats.as_dict})
+                                                              max_batch_tokens, liger_stats, concurrent),
+                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent,
+                                     "decoder": liger_stats.as_dict})
     return {
         "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
         "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,

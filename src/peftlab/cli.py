@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                             " the others show how many rows plain decoding changes with the batch size alone")
     bench.add_argument("--max-batch-tokens", type=int, default=131072,
                        help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
-    bench.add_argument("--extra-budgets", default="",
-                       help="--generation: more --max-batch-tokens values to time our path with (comma-separated)")
+    bench.add_argument("--concurrent", type=int, default=2,
+                       help="--generation: batches our decoder runs at once, each on its own CUDA stream")
+    bench.add_argument("--extra", default="",
+                       help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
+                            " (e.g. 262144:1,131072:4)")
     bench.add_argument("--liger", action="store_true",
                        help="--generation (GPU): also time our path with liger-kernel's fused RMSNorm/GeGLU/RoPE")
     bench.add_argument("--static-cache", action="store_true",
@@ -190,7 +193,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     from peftlab.bench_generate import run_generation_bench
     from peftlab.rundir import write_json
 
-    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens"):
+    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens", "concurrent"):
         if getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
     try:
@@ -200,18 +203,19 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     if any(rows < 1 for rows in plain_batches):
         raise UserError("bench --plain-batches: every batch size must be at least 1")
     try:
-        budgets = tuple(int(item) for item in args.extra_budgets.split(",") if item.strip())
+        extra = tuple((int(tokens), int(streams)) for tokens, streams in
+                      (item.split(":") for item in args.extra.split(",") if item.strip()))
     except ValueError:
-        raise UserError(f"bench --extra-budgets: expected comma-separated integers, got {args.extra_budgets!r}") from None
-    if any(budget < 1 for budget in budgets):
-        raise UserError("bench --extra-budgets: every budget must be at least 1")
+        raise UserError(f"bench --extra: expected TOKENS:CONCURRENT pairs, comma-separated, got {args.extra!r}") from None
+    if any(tokens < 1 or streams < 1 for tokens, streams in extra):
+        raise UserError("bench --extra: tokens and concurrent batches must be at least 1")
     with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:
         report = run_generation_bench(
             shape=None if args.model else args.shape, model_name=args.model or args.tokenizer,
             tokenizer=args.tokenizer, data_dir=args.data, rows_per_source=args.rows_per_source,
             prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
             static=args.static_cache, work=Path(work), plain_batches=plain_batches,
-            max_batch_tokens=args.max_batch_tokens, extra_budgets=budgets, liger=args.liger,
+            max_batch_tokens=args.max_batch_tokens, concurrent=args.concurrent, extra=extra, liger=args.liger,
         )
     if args.out is not None:
         write_json(args.out, report)

@@ -163,6 +163,8 @@ class EvaluateConfig:
     decoder: Literal["static", "generate"] = "static"
     # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
     max_batch_tokens: int | None = 131072
+    # `static` decoder: batches decoded at once, each on its own CUDA stream (memory: this many batches' KV caches).
+    concurrent_batches: int = 2
     limit: int | None = None
     bootstrap_samples: int = 1000
     # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.
@@ -504,6 +506,8 @@ def _validate_evaluate(config: StudyConfig) -> None:
         raise UserError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1")
     if ev.bootstrap_samples < 1:
         raise UserError(f"evaluate.bootstrap_samples must be at least 1, got {ev.bootstrap_samples}")
+    if ev.concurrent_batches < 1:
+        raise UserError(f"evaluate.concurrent_batches must be at least 1, got {ev.concurrent_batches}")
     if ev.max_batch_tokens is not None and ev.max_batch_tokens < 1:
         raise UserError(f"evaluate.max_batch_tokens must be at least 1 (or null for no limit), got {ev.max_batch_tokens}")
     if ev.ensemble.validation_limit is not None and ev.ensemble.validation_limit < 1:

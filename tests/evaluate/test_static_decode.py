@@ -59,3 +59,35 @@ def test_token_budget_splits_long_prompts_from_short_ones():
     # rows x (longest + 10 new) <= 200: the 100-token prompt goes alone, then 4 short rows, then the last.
     assert length_sorted_batches(lengths, 4, max_tokens=200, new_tokens=10) == [[0], [2, 3, 1, 5], [4]]
     assert length_sorted_batches([500], 4, max_tokens=10, new_tokens=10) == [[0]]  # never an empty batch
+
+
+def test_concurrent_batches_decode_as_one_at_a_time(tiny_model, gemma_tokenizer):
+    encoded = encode_prompts(gemma_tokenizer, PROMPTS)
+    pad = gemma_tokenizer.pad_token_id
+    alone = generate_token_ids(static_greedy(tiny_model, gemma_tokenizer, 24), encoded, pad, [], 1, "cpu")
+    stats = DecodeStats()
+    decode = static_greedy(tiny_model, gemma_tokenizer, 24, concurrent=3, stats=stats)
+    calls = []
+    original = decode.decode_many
+    decode.decode_many = lambda pairs: calls.append(len(pairs)) or original(pairs)
+    assert generate_token_ids(decode, encoded, pad, [], 1, "cpu") == alone
+    assert calls == [3, 1] and stats.batches == 4 and stats.steps == 4 * 23
+
+
+def test_a_stopped_batch_leaves_the_wave_early(tiny_model, gemma_tokenizer, monkeypatch):
+    # Stop tokens = the first token the short prompt's row generates: its batch leaves at the first
+    # check, the other batch runs to max_new_tokens; both give what they give decoded alone.
+    short, long = torch.tensor([[2, 12]]), torch.tensor([[2, 10, 11, 13]])
+    ones = torch.ones_like
+    plain = static_greedy(tiny_model, gemma_tokenizer, 40)
+    first_short = int(plain(short, ones(short))[0, 0])
+    long_alone = plain(long, ones(long))
+    monkeypatch.setattr(static_decode, "stop_token_ids", lambda tokenizer: [first_short])
+    stats = DecodeStats()
+    decode = static_greedy(tiny_model, gemma_tokenizer, 40, concurrent=2, stats=stats)
+    out_short, out_long = decode.decode_many([(short, ones(short)), (long, ones(long))])
+    assert out_short.shape[1] == static_decode.STOP_CHECK_EVERY
+    assert int(out_short[0, 0]) == first_short
+    assert first_short not in long_alone[0].tolist()  # (seed 0) the long row never stops: it runs to the end
+    assert torch.equal(out_long, long_alone)
+    assert stats.steps == (static_decode.STOP_CHECK_EVERY - 1) + 39

@@ -89,11 +89,18 @@ def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[in
     """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order."""
     results: list[list[int]] = [[] for _ in encoded]
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size, max_batch_tokens, new_tokens)
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
-        ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
-        new_tokens = decode_batch(ids, mask).tolist()
-        for row, index in enumerate(batch):
-            results[index] = cut_at_stop(new_tokens[row], stops)
+    # A decoder with `decode_many` takes `concurrent` batches at a time (static_decode: parallel streams).
+    decode_many = getattr(decode_batch, "decode_many", None)
+    wave = getattr(decode_batch, "concurrent", 1) if decode_many is not None else 1
+    with tqdm(total=len(batches), desc=desc, unit="batch", leave=False, disable=None) as progress:
+        for start in range(0, len(batches), wave):
+            group = batches[start:start + wave]
+            pairs = [left_pad([encoded[i] for i in batch], pad_id, device) for batch in group]
+            outs = decode_many(pairs) if decode_many is not None else [decode_batch(*pair) for pair in pairs]
+            for batch, out in zip(group, outs, strict=True):
+                for row, tokens in zip(batch, out.tolist(), strict=True):
+                    results[row] = cut_at_stop(tokens, stops)
+            progress.update(len(group))
     return results
 
 

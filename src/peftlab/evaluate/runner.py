@@ -84,7 +84,7 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     tokens = sum(count for _, count in outputs)
     speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
              "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size,
-             "max_batch_tokens": config.evaluate.max_batch_tokens}
+             "max_batch_tokens": config.evaluate.max_batch_tokens, "decoder_kind": config.evaluate.decoder}
     if hasattr(decode, "stats"):
         speed["decoder"] = decode.stats.as_dict()
     return outputs, speed
@@ -149,7 +149,8 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
                               config.evaluate.max_new_tokens)
     else:
         model = load_eval_model(config, run_dir, name, device)
-        decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens)
+        decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens,
+                                concurrent=config.evaluate.concurrent_batches)
                   if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
     rank, world = _rank_world()
