@@ -31,3 +31,21 @@ def test_provenance_says_whether_the_checkout_had_local_changes(tmp_path, monkey
     assert len(rundir.git_commit()) == 40 and rundir.git_dirty() is False
     (repo / "tracked.txt").write_text("b\n")
     assert rundir.git_dirty() is True
+
+
+def test_liger_module_patches_are_undone_for_a_plain_model(monkeypatch):
+    """liger-kernel replaces Gemma 3's RMSNorm, MLP and RoPE at module level; a model loaded later
+    without `liger_kernel` (the evaluator's) must get transformers' own again."""
+    import torch
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from peftlab.config import load_config
+    from peftlab.models import LIGER_GEMMA3_NAMES, load_model
+
+    originals = {name: getattr(modeling_gemma3, name) for name in LIGER_GEMMA3_NAMES}
+    monkeypatch.setattr(modeling_gemma3, "_peftlab_unpatched", originals, raising=False)
+    for name in LIGER_GEMMA3_NAMES:  # what apply_liger_kernel_to_gemma3_text leaves behind
+        monkeypatch.setattr(modeling_gemma3, name, object())
+    model = load_model(load_config("smoke").model, device="cpu", dtype=torch.float32)
+    assert all(getattr(modeling_gemma3, name) is originals[name] for name in LIGER_GEMMA3_NAMES)
+    assert type(model.model.norm) is originals["Gemma3RMSNorm"]

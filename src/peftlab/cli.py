@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                             " the others show how many rows plain decoding changes with the batch size alone")
     bench.add_argument("--max-batch-tokens", type=int, default=131072,
                        help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
-    bench.add_argument("--concurrent", type=int, default=2,
+    bench.add_argument("--concurrent", type=int, default=1,
                        help="--generation: batches our decoder runs at once, each on its own CUDA stream")
     bench.add_argument("--extra", default="",
                        help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"

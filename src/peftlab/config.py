@@ -164,7 +164,7 @@ class EvaluateConfig:
     # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
     max_batch_tokens: int | None = 131072
     # `static` decoder: batches decoded at once, each on its own CUDA stream (memory: this many batches' KV caches).
-    concurrent_batches: int = 2
+    concurrent_batches: int = 1
     limit: int | None = None
     bootstrap_samples: int = 1000
     # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.

@@ -172,6 +172,8 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
     from transformers import AutoModelForCausalLM
 
     path, extra = (source, {}) if source else model_dir(model, seed)
+    if not model.liger_kernel:
+        restore_unpatched_gemma3()  # before the modules are built from transformers' classes
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": model.attn_implementation,
@@ -197,6 +199,19 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
     return loaded
 
 
+# What liger-kernel replaces at module level in transformers' Gemma 3 code (models loaded later get it too).
+LIGER_GEMMA3_NAMES = ("apply_rotary_pos_emb", "Gemma3RMSNorm", "Gemma3MLP")
+
+
+def restore_unpatched_gemma3() -> None:
+    """Undo liger-kernel's module-level Gemma 3 patches (kept on the patched module by
+    `apply_liger_kernels`), so a model loaded without `liger_kernel` in the same process is plain."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    for name, original in getattr(modeling_gemma3, "_peftlab_unpatched", {}).items():
+        setattr(modeling_gemma3, name, original)
+
+
 def apply_liger_kernels(loaded, device: str) -> None:
     """liger-kernel's fused RMSNorm, GeGLU MLP and RoPE on this Gemma 3 model (loss stays ours)."""
     from peftlab.errors import UserError
@@ -209,6 +224,10 @@ def apply_liger_kernels(loaded, device: str) -> None:
         from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
     except ImportError:
         raise UserError("model.liger_kernel needs liger-kernel: pip install 'peftlab[gpu]'") from None
+    from transformers.models.gemma3 import modeling_gemma3
+
+    if not hasattr(modeling_gemma3, "_peftlab_unpatched"):
+        modeling_gemma3._peftlab_unpatched = {name: getattr(modeling_gemma3, name) for name in LIGER_GEMMA3_NAMES}
     apply_liger_kernel_to_gemma3_text(rope=True, rms_norm=True, geglu=True, cross_entropy=False,
                                       fused_linear_cross_entropy=False, model=loaded)
 

@@ -7,6 +7,7 @@ speed; for the ensemble the chosen alpha and its validation scores) into an atom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,11 @@ from peftlab.rundir import atomic_dir, read_json, write_json
 
 
 def load_eval_model(config: StudyConfig, run_dir: Path, name: str, device: str):
-    """The model as it was trained: base; base (+ 4-bit for qlora) + adapters; or full weights."""
+    """The model as it was trained: base; base (+ 4-bit for qlora) + adapters; or full weights.
+
+    Always without liger-kernel: a training-speed option, and liger-patched models decoded differently
+    from plain ones on the H200 (0 of 320 rows identical with the real 270M weights; see README)."""
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, liger_kernel=False))
     dtype = resolve_dtype(config.model, device)
     if name == "base":
         model = load_model(config.model, device=device, dtype=dtype)

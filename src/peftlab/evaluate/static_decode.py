@@ -112,9 +112,11 @@ def _decode_step(model, cache: dict[str, Any], buffers: _StepBuffers) -> None:
     b.step.add_(1)
 
 
-def _capture(model, cache: dict[str, Any], buffers: _StepBuffers) -> torch.cuda.CUDAGraph:
+def _capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream) -> torch.cuda.CUDAGraph:
+    """Captured on the batch's own stream (which also replays it): graphs replayed concurrently must
+    not share a capture stream's library workspaces (cuBLAS)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         _decode_step(model, cache, buffers)
     return graph
 
@@ -172,7 +174,7 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
             with torch.cuda.stream(batch.stream):
                 _decode_step(model, batch.cache, batch.buffers)
             torch.cuda.current_stream().wait_stream(batch.stream)
-            batch.graph = _try_capture(model, batch.cache, batch.buffers, stats)
+            batch.graph = _try_capture(model, batch.cache, batch.buffers, batch.stream, stats)
             batch.stream.wait_stream(torch.cuda.current_stream())
         else:
             _decode_step(model, batch.cache, batch.buffers)
@@ -210,12 +212,12 @@ def _join(batches: list[_Batch]) -> None:
             torch.cuda.current_stream().wait_stream(batch.stream)
 
 
-def _try_capture(model, cache: dict[str, Any], buffers: _StepBuffers, stats: DecodeStats):
+def _try_capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream, stats: DecodeStats):
     """Capture after the warm-up step; on failure decode eagerly from then on (and for later batches)."""
     started = time.perf_counter()
     try:
         torch.cuda.synchronize()
-        graph = _capture(model, cache, buffers)
+        graph = _capture(model, cache, buffers, stream)
     except Exception as exc:  # capture is an optimisation: any failure falls back to the eager step
         stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
         torch.cuda.synchronize()
