@@ -9,6 +9,9 @@ model turn, greedy, `max_new_tokens` 256, bf16, SDPA. Runs:
   of at most `batch` rows and `max_batch_tokens` padded tokens, a static KV cache, every decoding
   step one CUDA graph replay (on a GPU), stopping when every row has hit `<end_of_turn>`/EOS, SDPA
   without cuDNN (as `load_model` sets it); capture time is inside the measured wall time;
+- `ours-compile` (with `compile_layers=True`): `ours` with every decoder layer compiled first
+  (`evaluate.torch_compile`), compile time inside the wall time; `ours-liger` (with `liger=True`, GPU):
+  `ours` with liger-kernel's fused RMSNorm/GeGLU/RoPE; both on a freshly loaded model;
 - `ours-generate`: the evaluator's batches (`batch` rows, no token budget) through plain `generate`:
   what length-sorting and a large batch alone buy;
 - `ours-static` (with `static=True`): `ours-generate` with transformers' static KV cache, which
@@ -90,9 +93,11 @@ def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
 
 
 def ours_decode(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
-                max_batch_tokens: int | None, stats: DecodeStats, concurrent: int = 1) -> list[list[int]]:
+                max_batch_tokens: int | None, stats: DecodeStats, concurrent: int = 1,
+                torch_compile: bool = False) -> list[list[int]]:
     """The evaluator's path: the static-cache decoder over token-budgeted length-sorted batches."""
-    decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats, concurrent=concurrent)
+    decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats, concurrent=concurrent,
+                           torch_compile=torch_compile)
     return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
                               desc="ours", max_batch_tokens=max_batch_tokens, new_tokens=max_new_tokens)
 
@@ -153,7 +158,8 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          work: Path, plain_batches: tuple[int, ...] = (),
                          max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
                          concurrent: int = EvaluateConfig.concurrent_batches,
-                         extra: tuple[tuple[int, int], ...] = (), liger: bool = False) -> dict[str, Any]:
+                         extra: tuple[tuple[int, int], ...] = (), liger: bool = False,
+                         compile_layers: bool = False) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
     identical-rows fraction in bf16). `extra`: (max_batch_tokens, concurrent) settings of our decoder to
@@ -209,9 +215,17 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     plain, ours = outputs["plain"], outputs.get("ours")
     gaps = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
     margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
+    model = None  # fp32 now, and done: the variants below load fresh bf16 models
+    if compile_layers:
+        compiled = load_model(model_config, device=device, dtype=dtype).eval()
+        compile_stats = DecodeStats()
+        _run_variant("ours-compile", batch, lambda: ours_decode(compiled, tok, encoded, max_new_tokens, batch, device,
+                                                                max_batch_tokens, compile_stats, concurrent, True),
+                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent,
+                                     "decoder": compile_stats.as_dict})
+        compiled = None
     if liger and device == "cuda":
-        # A fresh bf16 model (the one above is fp32 now); liger patches module-level functions, so it runs last.
-        del model
+        # liger patches module-level functions, so it runs last.
         liger_model = load_model(dataclasses.replace(model_config, liger_kernel=True), device=device, dtype=dtype).eval()
         liger_stats = DecodeStats()
         _run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--extra", default="",
                        help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
                             " (e.g. 262144:1,131072:4)")
+    bench.add_argument("--compile", action="store_true",
+                       help="--generation: also time our path with every decoder layer compiled (torch.compile)")
     bench.add_argument("--liger", action="store_true",
                        help="--generation (GPU): also time our path with liger-kernel's fused RMSNorm/GeGLU/RoPE")
     bench.add_argument("--static-cache", action="store_true",
@@ -216,6 +218,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
             prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
             static=args.static_cache, work=Path(work), plain_batches=plain_batches,
             max_batch_tokens=args.max_batch_tokens, concurrent=args.concurrent, extra=extra, liger=args.liger,
+            compile_layers=args.compile,
         )
     if args.out is not None:
         write_json(args.out, report)

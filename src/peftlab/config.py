@@ -165,6 +165,8 @@ class EvaluateConfig:
     max_batch_tokens: int | None = 131072
     # `static` decoder: batches decoded at once, each on its own CUDA stream (memory: this many batches' KV caches).
     concurrent_batches: int = 1
+    # `static` decoder: torch.compile each decoder layer first (fused kernels inside the graphs; compile time first).
+    torch_compile: bool = False
     limit: int | None = None
     bootstrap_samples: int = 1000
     # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.

@@ -91,3 +91,19 @@ def test_a_stopped_batch_leaves_the_wave_early(tiny_model, gemma_tokenizer, monk
     assert first_short not in long_alone[0].tolist()  # (seed 0) the long row never stops: it runs to the end
     assert torch.equal(out_long, long_alone)
     assert stats.steps == (static_decode.STOP_CHECK_EVERY - 1) + 39
+
+
+def test_compiled_layers_decode_the_same_tokens(gemma_tokenizer):
+    """`evaluate.torch_compile`: the decoder layers compiled in place (inductor on CPU), same greedy tokens."""
+    from peftlab.models import load_model
+
+    model = load_model(load_config("smoke").model, device="cpu", dtype=torch.float32, seed=0).eval()
+    encoded = encode_prompts(gemma_tokenizer, PROMPTS)
+    pad = gemma_tokenizer.pad_token_id
+    plain = generate_token_ids(hf_greedy(model, gemma_tokenizer, 12), encoded, pad, [], 2, "cpu")
+    stats = DecodeStats()
+    decode = static_greedy(model, gemma_tokenizer, 12, torch_compile=True, stats=stats)
+    assert generate_token_ids(decode, encoded, pad, [], 2, "cpu") == plain
+    record = stats.as_dict()
+    assert record["compiled_layers"] == 2
+    assert record["compile"]["frames_ok"] >= 1 and record["compile"]["frames_ok"] == record["compile"]["frames_total"]

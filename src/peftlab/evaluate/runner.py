@@ -155,7 +155,8 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
     else:
         model = load_eval_model(config, run_dir, name, device)
         decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens,
-                                concurrent=config.evaluate.concurrent_batches)
+                                concurrent=config.evaluate.concurrent_batches,
+                                torch_compile=config.evaluate.torch_compile)
                   if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
     rank, world = _rank_world()

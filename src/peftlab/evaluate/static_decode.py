@@ -39,11 +39,18 @@ class DecodeStats:
     capture_seconds: float = 0.0
     prefill_seconds: float = 0.0
     fallback: list[str] = field(default_factory=list)
+    compiled_layers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "decode_steps": self.steps, "graph_steps": self.graph_steps,
-                "capture_seconds": self.capture_seconds, "prefill_seconds": self.prefill_seconds,
-                "cuda_graph_fallback": self.fallback[:3]}
+        out = {"batches": self.batches, "decode_steps": self.steps, "graph_steps": self.graph_steps,
+               "capture_seconds": self.capture_seconds, "prefill_seconds": self.prefill_seconds,
+               "cuda_graph_fallback": self.fallback[:3]}
+        if self.compiled_layers:
+            from peftlab.compiling import compile_stats
+
+            out["compiled_layers"] = self.compiled_layers
+            out["compile"] = compile_stats()
+        return out
 
 
 def _text_config(model):
@@ -133,13 +140,16 @@ class _Batch:
 
 
 def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = True, concurrent: int = 1,
-                  stats: DecodeStats | None = None) -> BatchDecoder:
+                  torch_compile: bool = False, stats: DecodeStats | None = None) -> BatchDecoder:
     """A batch decoder for `generate_all` (same contract as `hf_greedy`: ids, left-padding mask ->
     `max_new_tokens` new ids per row; anything after a row's stop token is not meaningful).
 
     Its `decode_many` decodes up to `concurrent` batches in lockstep, each replaying its own graph on
     its own CUDA stream: a step of a 1B model is ~2,400 small kernels whose cost is latency, not
-    bandwidth (6 ms per step for 16 rows or 250, measured), so batches on parallel streams overlap."""
+    bandwidth (6 ms per step for 16 rows or 250, measured), so batches on parallel streams overlap.
+
+    `torch_compile` compiles each decoder layer in place first (fused kernels, then captured in the
+    graphs; each batch's first, eager step compiles what its shapes need, outside the capture)."""
     text_config = _text_config(model)
     layer_types = getattr(text_config, "layer_types", None) or []
     window = text_config.sliding_window if "sliding_attention" in layer_types else None
@@ -147,6 +157,10 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
     keyword = _cache_keyword(model)
     stop_ids = stop_token_ids(tokenizer)
     stats = stats if stats is not None else DecodeStats()
+    if torch_compile:
+        from peftlab.compiling import compile_decoder_layers
+
+        stats.compiled_layers = compile_decoder_layers(model)
 
     def prefill(ids: torch.Tensor, mask: torch.Tensor) -> _Batch:
         started = time.perf_counter()
