@@ -107,3 +107,35 @@ def test_compiled_layers_decode_the_same_tokens(gemma_tokenizer):
     record = stats.as_dict()
     assert record["compiled_layers"] == 2
     assert record["compile"]["frames_ok"] >= 1 and record["compile"]["frames_ok"] == record["compile"]["frames_total"]
+
+
+def test_packed_decode_attention_equals_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    mask = torch.rand(3, 1, 1, 20) > 0.3
+    mask[:, :, :, -1] = True
+    ours, _ = static_decode.decode_attention(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_decode_steps_use_the_packed_attention_and_restore_sdpa(tiny_model, gemma_tokenizer, monkeypatch):
+    packed_calls = []
+    original = static_decode.decode_attention
+
+    def spy(module, query, key, value, *args, **kwargs):
+        packed_calls.append((query.shape[2], key.shape[1] < query.shape[1]))
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(static_decode, "decode_attention", spy)
+    decode = static_greedy(tiny_model, gemma_tokenizer, 5)
+    ids = torch.tensor([[2, 10, 11]])
+    decode(ids, torch.ones_like(ids))
+    layers = tiny_model.config.num_hidden_layers
+    assert packed_calls == [(1, True)] * (4 * layers)  # 4 decoding steps after the prefill
+    assert tiny_model.config._attn_implementation == "sdpa"

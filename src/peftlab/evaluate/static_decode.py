@@ -13,18 +13,27 @@ Why by hand: `generate(cache_implementation="static")` reaches CUDA graphs only 
 layers keep a host-side length, which a captured graph would freeze. Here every layer is a full
 `StaticLayer` (device-side length) and the sliding window lives in the mask, with the same rule as
 transformers' masks: key index j is visible from query index i iff it is not padding, j <= i and,
-for sliding layers, j > i - window.
+for sliding layers, j > i - window. The step's attention runs SDPA on the key/value heads with the
+query heads packed beside them (`decode_attention`): transformers 5.17's SDPA path (the H200's)
+repeats the whole cache once per query head for a 4D mask.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from peftlab.errors import UserError
 from peftlab.evaluate.generate import BatchDecoder, stop_token_ids
+
+log = logging.getLogger(__name__)
+DECODE_ATTENTION = "peftlab_decode_sdpa"  # registered with transformers' AttentionInterface below
 
 STOP_CHECK_EVERY = 16  # decoding steps between host checks of "every row has stopped" (each check is a sync)
 
@@ -51,6 +60,39 @@ class DecodeStats:
             out["compiled_layers"] = self.compiled_layers
             out["compile"] = compile_stats()
         return out
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA for one query token per row with grouped key/value heads: the query heads of each key/value
+    head become that head's query rows, so the cache is read once, not copied per query head.
+    Anything else goes to transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or kv_heads == heads or kwargs.get("softcap") is not None or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses kv head h // (heads / kv_heads)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _decode_attention_for(model) -> Iterator[None]:
+    """Route this SDPA model's attention through `decode_attention` while a decoding step runs (or is captured)."""
+    config = _text_config(model)
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _text_config(model):
@@ -145,14 +187,16 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
     `max_new_tokens` new ids per row; anything after a row's stop token is not meaningful).
 
     Its `decode_many` decodes up to `concurrent` batches in lockstep, each replaying its own graph on
-    its own CUDA stream: a step of a 1B model is ~2,400 small kernels whose cost is latency, not
-    bandwidth (6 ms per step for 16 rows or 250, measured), so batches on parallel streams overlap.
+    its own CUDA stream, so one batch's small kernels can overlap another's.
 
     `torch_compile` compiles each decoder layer in place first (fused kernels, then captured in the
     graphs; each batch's first, eager step compiles what its shapes need, outside the capture)."""
     text_config = _text_config(model)
     layer_types = getattr(text_config, "layer_types", None) or []
     window = text_config.sliding_window if "sliding_attention" in layer_types else None
+    if window is None and getattr(text_config, "sliding_window", None) and not layer_types:
+        raise UserError(f"evaluate.decoder static: {type(model).__name__} has a sliding window but no layer_types;"
+                        " use evaluate.decoder: generate")
     new_cache = _static_cache(text_config.num_hidden_layers)
     keyword = _cache_keyword(model)
     stop_ids = stop_token_ids(tokenizer)
@@ -170,28 +214,32 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                        **cache).logits
         first = logits[:, -1, :].argmax(dim=-1)
-        stops = torch.tensor(stop_ids, device=ids.device)
+        stops = torch.tensor(stop_ids, dtype=torch.long, device=ids.device)
         buffers = _StepBuffers(mask, first, positions[:, -1] + 1, width, max_new_tokens, window, stops)
         stats.batches += 1
         stats.prefill_seconds += time.perf_counter() - started
         return _Batch(cache, buffers)
 
     def step(batch: _Batch) -> None:
+        # A graph pays off from two replays on: the warm-up step is real, the capture runs nothing.
+        worth_capturing = max_new_tokens - (batch.done + 1) >= 2
         if batch.graph is not None:
             with torch.cuda.stream(batch.stream):
                 batch.graph.replay()
             stats.graph_steps += 1
-        elif cuda_graph and batch.buffers.ids.is_cuda and not stats.fallback:
+        elif cuda_graph and worth_capturing and batch.buffers.ids.is_cuda and not stats.fallback:
             # The warm-up before a capture runs on a side stream (torch.cuda.graph's rule) and is a real step.
             batch.stream = torch.cuda.Stream()
             batch.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(batch.stream):
+            with torch.cuda.stream(batch.stream), _decode_attention_for(model):
                 _decode_step(model, batch.cache, batch.buffers)
             torch.cuda.current_stream().wait_stream(batch.stream)
-            batch.graph = _try_capture(model, batch.cache, batch.buffers, batch.stream, stats)
+            with _decode_attention_for(model):
+                batch.graph = _try_capture(model, batch.cache, batch.buffers, batch.stream, stats)
             batch.stream.wait_stream(torch.cuda.current_stream())
         else:
-            _decode_step(model, batch.cache, batch.buffers)
+            with _decode_attention_for(model):
+                _decode_step(model, batch.cache, batch.buffers)
         batch.done += 1
 
     @torch.inference_mode()
@@ -227,13 +275,17 @@ def _join(batches: list[_Batch]) -> None:
 
 
 def _try_capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream, stats: DecodeStats):
-    """Capture after the warm-up step; on failure decode eagerly from then on (and for later batches)."""
+    """Capture after the warm-up step; on failure decode eagerly from then on (and for later batches),
+    saying so at once: eager decoding is ~10x slower."""
     started = time.perf_counter()
+    current = torch.cuda.current_stream()
     try:
         torch.cuda.synchronize()
         graph = _capture(model, cache, buffers, stream)
     except Exception as exc:  # capture is an optimisation: any failure falls back to the eager step
         stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+        log.warning("CUDA graph capture failed, decoding eagerly from here (much slower): %s", stats.fallback[-1])
+        torch.cuda.set_stream(current)  # a failed capture can leave torch.cuda.graph's stream current
         torch.cuda.synchronize()
         return None
     stats.capture_seconds += time.perf_counter() - started
