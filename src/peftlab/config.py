@@ -158,8 +158,9 @@ class EnsembleConfig:
 class EvaluateConfig:
     max_new_tokens: int = 1024
     batch_size: int = 16
-    # `static`: our static-KV-cache decoder, each step one CUDA graph on a GPU (evaluate/static_decode.py);
-    # `generate`: plain `model.generate`. Both greedy; the ensemble always uses its own mixing loop.
+    # `static`: our static-KV-cache decoder, each step one CUDA graph on a GPU (evaluate/static_decode.py),
+    # for single models and the ensemble's log-probability mix; `generate`: plain `model.generate` (and the
+    # ensemble's plain KV-cached loop). Both greedy.
     decoder: Literal["static", "generate"] = "static"
     # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
     max_batch_tokens: int | None = 131072

@@ -139,3 +139,27 @@ def test_decode_steps_use_the_packed_attention_and_restore_sdpa(tiny_model, gemm
     layers = tiny_model.config.num_hidden_layers
     assert packed_calls == [(1, True)] * (4 * layers)  # 4 decoding steps after the prefill
     assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_static_ensemble_matches_the_mixing_loop(gemma_tokenizer):
+    from peftlab.evaluate.ensemble import mixed_greedy
+    from peftlab.evaluate.generate import stop_token_ids
+    from peftlab.evaluate.static_decode import static_mixed_greedy
+    from peftlab.models import load_model
+
+    model_config = load_config("smoke").model
+    first = load_model(model_config, device="cpu", dtype=torch.float32, seed=0).eval()
+    second = load_model(model_config, device="cpu", dtype=torch.float32, seed=1).eval()
+    encoded = encode_prompts(gemma_tokenizer, PROMPTS)
+    pad, stops = gemma_tokenizer.pad_token_id, stop_token_ids(gemma_tokenizer)
+    for weights in ([0.5, 0.5], [0.25, 0.75], [1.0, 0.0]):
+        loop = generate_token_ids(mixed_greedy([first, second], weights, stops, pad, 40), encoded, pad, stops, 2, "cpu")
+        stats = DecodeStats()
+        ours = generate_token_ids(static_mixed_greedy([first, second], weights, gemma_tokenizer, 40, stats=stats),
+                                  encoded, pad, stops, 2, "cpu")
+        assert ours == loop, weights
+        assert stats.steps == 2 * 39  # two batches, 39 steps each
+    alone = generate_token_ids(hf_greedy(second, gemma_tokenizer, 40), encoded, pad, [], 2, "cpu")
+    mixed = generate_token_ids(static_mixed_greedy([first, second], [0.5, 0.5], gemma_tokenizer, 40), encoded, pad,
+                               [], 2, "cpu")
+    assert mixed != alone  # the mix is not one of its members

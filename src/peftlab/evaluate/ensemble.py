@@ -3,7 +3,9 @@
 At every greedy step `log p = α log p_A + (1-α) log p_B` (a weighted geometric mixture of the two
 distributions; the argmax does not need renormalising), for models that share a tokenizer. The
 original code averaged generated token *ids*, which is meaningless. Hand-written because no
-maintained library decodes with several models' mixed distributions; it is a plain KV-cached loop.
+maintained library decodes with several models' mixed distributions; it is a plain KV-cached loop
+(`evaluate.decoder: generate`). The default decoder runs the same rule on static caches and CUDA
+graphs: `static_decode.static_mixed_greedy`.
 """
 
 from __future__ import annotations

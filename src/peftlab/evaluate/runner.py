@@ -21,7 +21,7 @@ from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
 from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
-from peftlab.evaluate.static_decode import static_greedy
+from peftlab.evaluate.static_decode import static_greedy, static_mixed_greedy
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, read_json, write_json
 
@@ -100,6 +100,15 @@ def _score(config, examples, outputs) -> dict[str, Any]:
                        [e.source_dataset for e in examples], bootstrap_samples=config.evaluate.bootstrap_samples)
 
 
+def _ensemble_decoder(config: StudyConfig, models, alpha: float, tokenizer, stops):
+    """Greedy over `alpha log p_A + (1 - alpha) log p_B`: on static caches and CUDA graphs, or the plain loop."""
+    ev = config.evaluate
+    if ev.decoder == "static":
+        return static_mixed_greedy(models, [alpha, 1 - alpha], tokenizer, ev.max_new_tokens,
+                                   concurrent=ev.concurrent_batches)
+    return mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id, ev.max_new_tokens)
+
+
 def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[str, Any]:
     """Pick the ensemble weight on the validation split (carved from the train buffer, never test)."""
     ensemble = config.evaluate.ensemble
@@ -107,8 +116,7 @@ def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[
     stops = stop_token_ids(tokenizer)
     trials = []
     for alpha in ensemble.alphas:
-        decode = mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id,
-                              config.evaluate.max_new_tokens)
+        decode = _ensemble_decoder(config, models, alpha, tokenizer, stops)
         outputs, _ = _generate(config, decode, tokenizer, examples, f"alpha={alpha:g}")
         predictions, references = [t for t, _ in outputs], [e.reference for e in examples]
         trials.append({"alpha": alpha, "bleu4": bleu4(predictions, references),
@@ -150,8 +158,7 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
         models = [load_eval_model(config, run_dir, member, device) for member in members]
         extra["ensemble"] = choose_alpha(config, run_dir, models, tokenizer)
         alpha = extra["ensemble"]["alpha"]
-        decode = mixed_greedy(models, [alpha, 1 - alpha], stop_token_ids(tokenizer), tokenizer.pad_token_id,
-                              config.evaluate.max_new_tokens)
+        decode = _ensemble_decoder(config, models, alpha, tokenizer, stop_token_ids(tokenizer))
     else:
         model = load_eval_model(config, run_dir, name, device)
         decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens,

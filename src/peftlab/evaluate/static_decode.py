@@ -79,20 +79,28 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 @contextlib.contextmanager
-def _decode_attention_for(model) -> Iterator[None]:
-    """Route this SDPA model's attention through `decode_attention` while a decoding step runs (or is captured)."""
-    config = _text_config(model)
-    if config._attn_implementation != "sdpa":
-        yield
-        return
+def _decode_attention_for(members: list[_Member]) -> Iterator[None]:
+    """Route these SDPA models' attention through `decode_attention` while a decoding step runs (or is captured)."""
     from transformers.modeling_utils import AttentionInterface
 
+    configs = [c for c in (_text_config(m.model) for m in members) if c._attn_implementation == "sdpa"]
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    config._attn_implementation = DECODE_ATTENTION
+    for config in configs:
+        config._attn_implementation = DECODE_ATTENTION
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        for config in configs:
+            config._attn_implementation = "sdpa"
+
+
+@dataclass
+class _Member:
+    """A model the decoder runs, its weight in the log-probability mix, and its forward's cache keyword."""
+
+    model: Any
+    weight: float
+    keyword: str
 
 
 def _text_config(model):
@@ -142,7 +150,19 @@ class _StepBuffers:
         return {"full_attention": self.full_mask, "sliding_attention": self.sliding_mask}
 
 
-def _decode_step(model, cache: dict[str, Any], buffers: _StepBuffers) -> None:
+def _next_token(logits: list[torch.Tensor], members: list[_Member], mix: bool) -> torch.Tensor:
+    """Greedy: the argmax of one model's logits, or (`mix`) of the members' weighted log-probabilities
+    (`evaluate/ensemble.py`'s rule, summed in the same order)."""
+    if not mix:
+        return logits[0][:, -1, :].argmax(dim=-1)
+    mixed = None
+    for member, member_logits in zip(members, logits, strict=True):
+        logp = member.weight * torch.log_softmax(member_logits[:, -1, :].float(), dim=-1)
+        mixed = logp if mixed is None else mixed + logp
+    return mixed.argmax(dim=-1)
+
+
+def _decode_step(members: list[_Member], caches: list[dict[str, Any]], buffers: _StepBuffers, mix: bool) -> None:
     """One greedy step, in place on `buffers`: nothing here may sync with the host (it is captured)."""
     b = buffers
     b.valid.index_fill_(1, b.query_index, True)
@@ -150,9 +170,9 @@ def _decode_step(model, cache: dict[str, Any], buffers: _StepBuffers) -> None:
     b.full_mask.copy_(visible[:, None, None, :])
     if b.sliding_mask is not None:
         b.sliding_mask.copy_((visible & (b.key_index > b.query_index - b.window))[:, None, None, :])
-    logits = model(input_ids=b.ids, position_ids=b.positions, attention_mask=b.masks(), use_cache=True,
-                   logits_to_keep=1, **cache).logits
-    token = logits[:, -1, :].argmax(dim=-1)
+    logits = [member.model(input_ids=b.ids, position_ids=b.positions, attention_mask=b.masks(), use_cache=True,
+                           logits_to_keep=1, **cache).logits for member, cache in zip(members, caches, strict=True)]
+    token = _next_token(logits, members, mix)
     b.out.index_copy_(1, b.step, token[:, None])
     b.finished |= torch.isin(token, b.stops)
     b.ids.copy_(token[:, None])
@@ -161,12 +181,13 @@ def _decode_step(model, cache: dict[str, Any], buffers: _StepBuffers) -> None:
     b.step.add_(1)
 
 
-def _capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream) -> torch.cuda.CUDAGraph:
+def _capture(members: list[_Member], caches: list[dict[str, Any]], buffers: _StepBuffers, mix: bool,
+             stream) -> torch.cuda.CUDAGraph:
     """Captured on the batch's own stream (which also replays it): graphs replayed concurrently must
     not share a capture stream's library workspaces (cuBLAS)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        _decode_step(model, cache, buffers)
+        _decode_step(members, caches, buffers, mix)
     return graph
 
 
@@ -174,7 +195,7 @@ def _capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream) -> tor
 class _Batch:
     """One batch in flight: its cache, step buffers, graph (once captured), replay stream and steps done."""
 
-    cache: dict[str, Any]
+    caches: list[dict[str, Any]]
     buffers: _StepBuffers
     graph: Any = None
     stream: Any = None
@@ -191,34 +212,63 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
 
     `torch_compile` compiles each decoder layer in place first (fused kernels, then captured in the
     graphs; each batch's first, eager step compiles what its shapes need, outside the capture)."""
-    text_config = _text_config(model)
-    layer_types = getattr(text_config, "layer_types", None) or []
-    window = text_config.sliding_window if "sliding_attention" in layer_types else None
-    if window is None and getattr(text_config, "sliding_window", None) and not layer_types:
-        raise UserError(f"evaluate.decoder static: {type(model).__name__} has a sliding window but no layer_types;"
+    return _decoder([_Member(model, 1.0, _cache_keyword(model))], tokenizer, max_new_tokens, mix=False,
+                    cuda_graph=cuda_graph, concurrent=concurrent, torch_compile=torch_compile, stats=stats)
+
+
+def static_mixed_greedy(models, weights, tokenizer, max_new_tokens: int, *, cuda_graph: bool = True,
+                        concurrent: int = 1, torch_compile: bool = False,
+                        stats: DecodeStats | None = None) -> BatchDecoder:
+    """The ensemble's decoder (`evaluate/ensemble.py`'s `mixed_greedy`: argmax of the weighted sum of
+    the models' log-probabilities; models with weight 0 are not run) on static caches and CUDA graphs:
+    one graph per step runs every member."""
+    members = [_Member(m, w, _cache_keyword(m)) for m, w in zip(models, weights, strict=True) if w != 0]
+    if not members:
+        raise ValueError("at least one ensemble weight must be non-zero")
+    return _decoder(members, tokenizer, max_new_tokens, mix=True, cuda_graph=cuda_graph, concurrent=concurrent,
+                    torch_compile=torch_compile, stats=stats)
+
+
+def _sliding_window(members: list[_Member]) -> int | None:
+    """The window every member's sliding layers use (the step's masks are shared); None without one."""
+    windows = set()
+    for member in members:
+        text_config = _text_config(member.model)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        if getattr(text_config, "sliding_window", None) and not layer_types:
+            raise UserError(f"evaluate.decoder static: {type(member.model).__name__} has a sliding window but no"
+                            " layer_types; use evaluate.decoder: generate")
+        windows.add(text_config.sliding_window if "sliding_attention" in layer_types else None)
+    if len(windows) > 1:
+        raise UserError(f"evaluate.decoder static: the ensemble's models use different sliding windows {windows};"
                         " use evaluate.decoder: generate")
-    new_cache = _static_cache(text_config.num_hidden_layers)
-    keyword = _cache_keyword(model)
+    return windows.pop()
+
+
+def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: bool, cuda_graph: bool,
+             concurrent: int, torch_compile: bool, stats: DecodeStats | None) -> BatchDecoder:
+    window = _sliding_window(members)
+    new_caches = [_static_cache(_text_config(m.model).num_hidden_layers) for m in members]
     stop_ids = stop_token_ids(tokenizer)
     stats = stats if stats is not None else DecodeStats()
     if torch_compile:
         from peftlab.compiling import compile_decoder_layers
 
-        stats.compiled_layers = compile_decoder_layers(model)
+        stats.compiled_layers = sum(compile_decoder_layers(m.model) for m in members)
 
     def prefill(ids: torch.Tensor, mask: torch.Tensor) -> _Batch:
         started = time.perf_counter()
         width = ids.shape[1]
-        cache = {keyword: new_cache(width + max_new_tokens)}
+        caches = [{m.keyword: new(width + max_new_tokens)} for m, new in zip(members, new_caches, strict=True)]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                       **cache).logits
-        first = logits[:, -1, :].argmax(dim=-1)
+        logits = [m.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                          **cache).logits for m, cache in zip(members, caches, strict=True)]
+        first = _next_token(logits, members, mix)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=ids.device)
         buffers = _StepBuffers(mask, first, positions[:, -1] + 1, width, max_new_tokens, window, stops)
         stats.batches += 1
         stats.prefill_seconds += time.perf_counter() - started
-        return _Batch(cache, buffers)
+        return _Batch(caches, buffers)
 
     def step(batch: _Batch) -> None:
         # A graph pays off from two replays on: the warm-up step is real, the capture runs nothing.
@@ -231,15 +281,15 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
             # The warm-up before a capture runs on a side stream (torch.cuda.graph's rule) and is a real step.
             batch.stream = torch.cuda.Stream()
             batch.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(batch.stream), _decode_attention_for(model):
-                _decode_step(model, batch.cache, batch.buffers)
+            with torch.cuda.stream(batch.stream), _decode_attention_for(members):
+                _decode_step(members, batch.caches, batch.buffers, mix)
             torch.cuda.current_stream().wait_stream(batch.stream)
-            with _decode_attention_for(model):
-                batch.graph = _try_capture(model, batch.cache, batch.buffers, batch.stream, stats)
+            with _decode_attention_for(members):
+                batch.graph = _try_capture(members, batch.caches, batch.buffers, mix, batch.stream, stats)
             batch.stream.wait_stream(torch.cuda.current_stream())
         else:
-            with _decode_attention_for(model):
-                _decode_step(model, batch.cache, batch.buffers)
+            with _decode_attention_for(members):
+                _decode_step(members, batch.caches, batch.buffers, mix)
         batch.done += 1
 
     @torch.inference_mode()
@@ -274,14 +324,15 @@ def _join(batches: list[_Batch]) -> None:
             torch.cuda.current_stream().wait_stream(batch.stream)
 
 
-def _try_capture(model, cache: dict[str, Any], buffers: _StepBuffers, stream, stats: DecodeStats):
+def _try_capture(members: list[_Member], caches: list[dict[str, Any]], buffers: _StepBuffers, mix: bool, stream,
+                 stats: DecodeStats):
     """Capture after the warm-up step; on failure decode eagerly from then on (and for later batches),
     saying so at once: eager decoding is ~10x slower."""
     started = time.perf_counter()
     current = torch.cuda.current_stream()
     try:
         torch.cuda.synchronize()
-        graph = _capture(model, cache, buffers, stream)
+        graph = _capture(members, caches, buffers, mix, stream)
     except Exception as exc:  # capture is an optimisation: any failure falls back to the eager step
         stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
         log.warning("CUDA graph capture failed, decoding eagerly from here (much slower): %s", stats.fallback[-1])
