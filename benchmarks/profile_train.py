@@ -9,11 +9,16 @@ All runs share one process: liger-kernel's patches (a `fast-liger` run) stay on 
 so list `fast-liger` runs last or profile them in their own invocation.
 
 With `--memory` it records the CUDA allocator's history instead and lists, at the moment allocated
-memory peaked, which code holds how much (`peftlab.train.meter.peak_allocation_sites`).
+memory peaked, which code holds how much (`peftlab.train.meter.peak_allocation_sites`). With
+`--phases` it only reads and resets the peak counter at marks within each step (layer forwards,
+checkpointing recomputes, the loss, the optimizer: `peftlab.train.meter.PhasePeaks`) and lists the
+spans with the highest peaks; no history is recorded (the `--memory` recording crashed once inside
+`cross_entropy_loss` on the H200).
 
 Usage (GPU machine, repository root):
     python benchmarks/profile_train.py --data DIR --tokenizer DIR --out OUT.json qlora:fast galore:fast qlora:lowmem
     python benchmarks/profile_train.py --memory --steps 3 --data DIR --tokenizer DIR --out MEM.json qlora:lowmem
+    python benchmarks/profile_train.py --phases --steps 8 --data DIR --tokenizer DIR --out PHASES.json qlora:lowmem
 """
 
 from __future__ import annotations
@@ -111,6 +116,26 @@ def memory_one(method: str, profile: str, args) -> dict:
             **found}
 
 
+def phases_one(method: str, profile: str, args) -> dict:
+    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.train import runner
+    from peftlab.train.meter import PhasePeaks
+
+    def read_and_reset() -> int:
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-phases-") as work:
+        spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
+                         args.steps, work)
+        config, run_dir = prepare_workload(spec)
+        phases = PhasePeaks(read_and_reset)
+        metrics = runner.train_method(config, run_dir, method, callbacks=[phases])
+    return {"method": method, "profile": profile, "steps": args.steps, "peak_alloc_gib": metrics["peak_gpu_alloc_gib"],
+            **phases.result(top=25)}
+
+
 def profile_one(method: str, profile: str, args) -> dict:
     from peftlab.bench import BenchSpec, default_sources, prepare_workload
     from peftlab.train import runner
@@ -153,15 +178,21 @@ def main() -> int:
     parser.add_argument("--memory", action="store_true",
                         help="instead of the time profile: record the allocator's history over --steps steps and"
                              " list the code holding memory at the peak")
+    parser.add_argument("--phases", action="store_true",
+                        help="instead: the peak allocated memory per span of each step (layers, loss, optimizer)")
     args = parser.parse_args()
-    if args.steps < (1 if args.memory else 3):
-        parser.error("--steps must be at least 3 (profiling starts at step 3)" if not args.memory
+    if args.memory and args.phases:
+        parser.error("--memory and --phases: one at a time")
+    memory_mode = args.memory or args.phases
+    if args.steps < (1 if memory_mode else 3):
+        parser.error("--steps must be at least 3 (profiling starts at step 3)" if not memory_mode
                      else "--steps must be at least 1")
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
     for item in args.runs:
         method, profile = item.split(":")
         try:
-            report["runs"].append((memory_one if args.memory else profile_one)(method, profile, args))
+            one = memory_one if args.memory else phases_one if args.phases else profile_one
+            report["runs"].append(one(method, profile, args))
         except Exception as exc:
             report["runs"].append({"method": method, "profile": profile, "error": f"{type(exc).__name__}: {exc}"[:400]})
         args.out.write_text(json.dumps(report, indent=2))
@@ -172,6 +203,8 @@ def main() -> int:
               flush=True)
         for site in last.get("sites", [])[:12]:
             print(f"  {site['mib']:9.1f} MiB {site['blocks']:6d} blocks  {site['site']}", flush=True)
+        for span in last.get("spans", [])[:12]:
+            print(f"  {span['peak_mib']:9.1f} MiB  {span['span']}", flush=True)
     return 0
 
 

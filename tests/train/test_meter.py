@@ -51,3 +51,48 @@ def test_a_later_higher_peak_wins_and_free_completed_is_used_when_alone():
     assert result["recorded_peak_bytes"] == 30 and result["peak_event"] == 3
     assert {s["site"] for s in result["sites"]} == {"transformers/models/gemma3/modeling_gemma3.py:99 forward",
                                                      "(no Python frame: autograd backward or C++)"}
+
+
+def test_phase_peaks_name_the_span_of_a_step_that_peaked():
+    """Forward, the loss after the final norm, and a recompute inside backward (checkpointing) are
+    told apart; the fake peak reader stands in for torch.cuda's."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from peftlab.train.meter import PhasePeaks
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.norm = torch.nn.LayerNorm(4)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+
+        def get_decoder(self):
+            return self.decoder
+
+    model = Model()
+    readings = iter(range(1, 1000))
+    phases = PhasePeaks(lambda: next(readings) * 2**20)
+    phases.attach(model)
+    x = torch.randn(2, 4, requires_grad=True)
+    for layer in model.decoder.layers:
+        x = checkpoint(layer, x, use_reentrant=False)
+    loss = model.decoder.norm(x).sum()
+    phases.mark("loss")
+    loss.backward()
+    phases.mark("optimizer start")
+    spans = [s["span"] for s in phases.result(top=100)["spans"]]
+    assert "layer 0 forward start -> layer 0 forward end" in spans
+    assert "layer 1 forward end -> final norm" in spans
+    # torch stops a recompute once it has what backward needs: a layer's recompute and backward are
+    # the span from its recompute start to the next one's.
+    assert "layer 1 recompute start -> layer 0 recompute start" in spans
+    assert "layer 0 recompute start -> optimizer start" in spans
+    # The last span read the highest fake peak, so it ranks first.
+    assert phases.result()["spans"][0]["span"] == "layer 0 recompute start -> optimizer start"
+    assert {"kind": "layer N recompute start -> layer N recompute start", "peak_mib": 8.0} in phases.result()["kinds"]

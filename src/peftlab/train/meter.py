@@ -167,3 +167,74 @@ def _outside_torch(frames: list[dict]) -> list[str]:
                 break
         shown.append(f"{path}:{frame.get('line')} {frame.get('name', '')}".rstrip())
     return shown
+
+
+class PhasePeaks(TrainerCallback):
+    """Peak allocated memory per phase of a training step, for finding where a step's peak is.
+
+    A phase is the span between two marks: a decoder layer's forward starting and ending, the same
+    layer's recompute starting inside backward under activation checkpointing (torch stops a
+    recompute early, so a layer's recompute and backward span from its recompute start to the next
+    one's), the final norm (after it: the loss and its backward), the optimizer step. `read_and_reset()` returns the peak since its last
+    call and resets the counter (`torch.cuda` on a GPU; tests pass a fake). Lighter than the
+    allocator's history (`peak_allocation_sites`), which names the code but can fail to record.
+    """
+
+    def __init__(self, read_and_reset) -> None:
+        self.read_and_reset = read_and_reset
+        self.last = "train start"
+        self.peaks: dict[str, int] = {}
+        self.handles: list = []
+
+    def mark(self, label: str) -> None:
+        span = f"{self.last} -> {label}"
+        self.peaks[span] = max(self.peaks.get(span, 0), int(self.read_and_reset()))
+        self.last = label
+
+    def attach(self, model) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = base.get_decoder()
+        for index, layer in enumerate(decoder.layers):
+            # Hooks on the layer's first and last blocks, not the layer: transformers (5.2x) checkpoints a
+            # layer's `forward`, so the layer's own hooks do not run again when backward recomputes it.
+            first, last = getattr(layer, "input_layernorm", layer), getattr(layer, "mlp", layer)
+            self.handles.append(first.register_forward_pre_hook(self._layer_hook(index, "start")))
+            self.handles.append(last.register_forward_hook(self._layer_hook(index, "end")))
+        self.handles.append(decoder.norm.register_forward_hook(lambda *args: self.mark("final norm")))
+
+    def _layer_hook(self, index: int, edge: str):
+        def hook(*args) -> None:
+            # Inside an autograd backward pass a layer's forward is a checkpointing recompute.
+            in_backward = torch._C._current_graph_task_id() != -1
+            self.mark(f"layer {index} {'recompute' if in_backward else 'forward'} {edge}")
+        return hook
+
+    def result(self, top: int = 15) -> dict:
+        """The spans with the highest peaks, and per kind of span (layer numbers folded) the highest."""
+        kinds: dict[str, int] = {}
+        for span, peak in self.peaks.items():
+            kind = " ".join("N" if word.isdigit() else word for word in span.split())
+            kinds[kind] = max(kinds.get(kind, 0), peak)
+        ranked = sorted(self.peaks.items(), key=lambda item: -item[1])[:top]
+        return {"spans": [{"span": span, "peak_mib": peak / 2**20} for span, peak in ranked],
+                "kinds": [{"kind": kind, "peak_mib": peak / 2**20}
+                          for kind, peak in sorted(kinds.items(), key=lambda item: -item[1])]}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attach(model)
+        self.mark("train start")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.mark("step start")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.mark("optimizer start")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.mark("optimizer end")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.mark("train end")
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
