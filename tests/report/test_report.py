@@ -167,6 +167,9 @@ def make_run(root: Path, *, worse: bool = False, gpu: bool = True) -> Path:
                 "tokens_per_s": 14.4,
                 "max_new_tokens": 256,
                 "batch_size": 8,
+                # qlora as the static decoder records it; the others as plain `generate` did.
+                **({"decoder_kind": "static", "decoder": {"batches": 2, "decode_steps": 30, "graph_steps": 26,
+                                                          "cuda_graph_fallback": []}} if model == "qlora" else {}),
             },
         }
         _write(run / "eval" / model / "metrics.json", metrics)
@@ -370,6 +373,15 @@ def test_quality_table_has_formatted_scores(built: tuple[Path, dict[str, Path]])
         assert f"{QUALITY[model][0]:.4f}" in rows[label]
     assert "+0.0422 (+82.4%)" in rows["QLoRA"]  # delta vs base, absolute and relative
     assert "[0.0392, 0.0642]" in rows["Base"]  # CI
+
+
+def test_resources_show_generation_speed_and_decoder(built: tuple[Path, dict[str, Path]]) -> None:
+    resources = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Resources")
+    assert "Graph replays / decoding steps" in resources
+    rows = {line.split("|")[1].strip().strip("*"): line for line in resources.splitlines()
+            if line.startswith("| ") and "14.4" in line}
+    assert "static" in rows["QLoRA"] and "26 / 30" in rows["QLoRA"]
+    assert "generate" in rows["Base"] and "| no" in rows["Base"]
 
 
 def test_findings_mention_comparisons_with_p_values(built: tuple[Path, dict[str, Path]]) -> None:

@@ -216,7 +216,40 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
         stages = [s for s in run.training[method].get("stages") or [] if isinstance(s, dict)]
         if stages:
             blocks.append(_stage_table(method, stages))
+    speed = generation_speed_table(run, colors)
+    if speed is not None:
+        blocks.append(speed)
     return blocks
+
+
+def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
+    """How fast each model's test predictions were generated, and by which decoder."""
+    rows = []
+    for model in run.evaluated:
+        generation = run.eval_metrics.get(model, {}).get("generation")
+        if not isinstance(generation, dict):
+            continue
+        decoder = generation.get("decoder") if isinstance(generation.get("decoder"), dict) else {}
+        graphs = (f"{fmt.integer(decoder.get('graph_steps'))} / {fmt.integer(decoder.get('decode_steps'))}"
+                  if decoder else fmt.MISSING)
+        fallback = decoder.get("cuda_graph_fallback") or []
+        rows.append([
+            _model_cell(model, colors),
+            generation.get("decoder_kind") or ("static" if decoder else "generate"),
+            fmt.integer(generation.get("generated_tokens")),
+            fmt.duration(generation.get("seconds")),
+            fmt.rate(generation.get("tokens_per_s")),
+            fmt.integer(generation.get("batch_size")),
+            graphs,
+            "yes: " + fmt.truncate(str(fallback[0]), 60) if fallback else "no",
+        ])
+    if not rows:
+        return None
+    headers = ["Model", "Decoder", "Generated tokens", "Time", "Tokens/s", "Rows per batch",
+               "Graph replays / decoding steps", "Fell back to eager"]
+    notes = ["Greedy decoding of the test split. static: static KV cache, each step after a batch's first one "
+             "CUDA graph replay on a GPU (eager on a CPU); generate: plain model.generate."]
+    return Table(headers, rows, "llrrrrrl", notes=notes)
 
 
 def _stage_table(method: str, stages: list[dict[str, Any]]) -> Table:
