@@ -76,7 +76,7 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
                  "--extra", "40:2", "--concurrent", "3",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["prompts"] == 10
+    assert report["prompts"] == 10 and "partial" not in report  # the final report replaced the partial ones
     assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static",
                                                   "ours-t40-c2"]
     plain, plain3, ours, ours_generate, static, budget = report["runs"]
@@ -150,3 +150,16 @@ def test_near_tie_gaps_rescore_the_first_difference_in_fp32():
     assert gaps[0]["plain_minus_ours"] == pytest.approx(float(logits[8] - logits[9]), abs=1e-5)
     assert (gaps[0]["plain_token"], gaps[0]["ours_token"], gaps[0]["prompt_tokens"]) == (8, 9, 3)
     assert gaps[0]["fp32_argmax_token"] == int(logits.argmax()) and gaps[0]["generated_prefix_tail"] == [7]
+
+
+def test_generation_bench_reports_progress_after_every_run(tmp_path, gemma_tokenizer):
+    from peftlab.bench_generate import run_generation_bench
+
+    seen = []
+    report = run_generation_bench(shape="builtin:tiny-gemma3", model_name="builtin:gemma-3-270m",
+                                  tokenizer="builtin:gemma-3-270m", data_dir=None, rows_per_source=8, prompts=4,
+                                  max_new_tokens=3, batch=2, static=False, work=tmp_path,
+                                  progress=lambda partial: seen.append(([r["run"] for r in partial["runs"]],
+                                                                        partial.get("partial"))))
+    assert seen == [(["plain"], True), (["plain", "ours"], True), (["plain", "ours", "ours-generate"], True)]
+    assert "partial" not in report and [r["run"] for r in report["runs"]] == ["plain", "ours", "ours-generate"]

@@ -29,6 +29,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +160,13 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
                          concurrent: int = EvaluateConfig.concurrent_batches,
                          extra: tuple[tuple[int, int], ...] = (), liger: bool = False,
-                         compile_layers: bool = False) -> dict[str, Any]:
+                         compile_layers: bool = False,
+                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
     identical-rows fraction in bf16). `extra`: (max_batch_tokens, concurrent) settings of our decoder to
-    time besides the chosen one (runs `ours-t{tokens}-c{concurrent}`)."""
+    time besides the chosen one (runs `ours-t{tokens}-c{concurrent}`). `progress` gets the report so
+    far (marked `partial`) after every run."""
     from peftlab.config import ModelConfig
     from peftlab.models import avoid_cudnn_attention, device_name, load_model, load_tokenizer
     from peftlab.rundir import hardware, package_versions
@@ -206,37 +209,46 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                              model, tok, encoded, max_new_tokens, batch, device, budget, DecodeStats(), streams)))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
+
+    def snapshot(gaps: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
+        margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
+        return {
+            "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
+            "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,
+            "speedup_vs_plain": {r["run"]: r["tokens_per_s"] / runs[0]["tokens_per_s"]
+                                 for r in runs if "tokens_per_s" in r},
+            "versions": package_versions(), "gpu": hardware().get("gpu") or "cpu",
+            "command": " ".join(["peftlab", *sys.argv[1:]]), "differing_rows_fp32": gaps,
+            "differing_max_abs_gap_fp32": max(margins) if margins else None,
+            **({"partial": True} if partial else {}),
+        }
+
+    def run_variant(name: str, rows_per_batch: int, fn, extra_fields: dict[str, Any]) -> None:
+        _run_variant(name, rows_per_batch, fn, runs, outputs, extra_fields)
+        if progress is not None:  # a run cut by a time limit keeps what finished
+            progress(snapshot([], partial=True))
+
     for name, rows_per_batch, fn in variants:
-        _run_variant(name, rows_per_batch, fn, runs, outputs,
-                     {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": stats.as_dict}
-                     if name == "ours" else {})
+        run_variant(name, rows_per_batch, fn,
+                    {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": stats.as_dict}
+                    if name == "ours" else {})
     if "plain" not in outputs:
         raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
     gaps = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
-    margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
     model = None  # fp32 now, and done: the variants below load fresh bf16 models
     if compile_layers:
         compiled = load_model(model_config, device=device, dtype=dtype).eval()
         compile_stats = DecodeStats()
-        _run_variant("ours-compile", batch, lambda: ours_decode(compiled, tok, encoded, max_new_tokens, batch, device,
-                                                                max_batch_tokens, compile_stats, concurrent, True),
-                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent,
-                                     "decoder": compile_stats.as_dict})
+        run_variant("ours-compile", batch, lambda: ours_decode(compiled, tok, encoded, max_new_tokens, batch, device,
+                                                               max_batch_tokens, compile_stats, concurrent, True),
+                    {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": compile_stats.as_dict})
         compiled = None
     if liger and device == "cuda":
         # liger patches module-level functions, so it runs last.
         liger_model = load_model(dataclasses.replace(model_config, liger_kernel=True), device=device, dtype=dtype).eval()
         liger_stats = DecodeStats()
-        _run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,
-                                                              max_batch_tokens, liger_stats, concurrent),
-                     runs, outputs, {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent,
-                                     "decoder": liger_stats.as_dict})
-    return {
-        "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
-        "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,
-        "speedup_vs_plain": {r["run"]: r["tokens_per_s"] / runs[0]["tokens_per_s"] for r in runs if "tokens_per_s" in r},
-        "versions": package_versions(), "gpu": hardware().get("gpu") or "cpu", "command": " ".join(["peftlab", *sys.argv[1:]]),
-        "differing_rows_fp32": gaps,
-        "differing_max_abs_gap_fp32": max(margins) if margins else None,
-    }
+        run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,
+                                                             max_batch_tokens, liger_stats, concurrent),
+                    {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": liger_stats.as_dict})
+    return snapshot(gaps, partial=False)

@@ -219,6 +219,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
             static=args.static_cache, work=Path(work), plain_batches=plain_batches,
             max_batch_tokens=args.max_batch_tokens, concurrent=args.concurrent, extra=extra, liger=args.liger,
             compile_layers=args.compile,
+            progress=(lambda partial: write_json(args.out, partial)) if args.out is not None else None,
         )
     if args.out is not None:
         write_json(args.out, report)
