@@ -51,6 +51,10 @@ def test_unknown_method_is_a_user_error(capsys):
     assert "--resume needs --out" in capsys.readouterr().err
     assert main(["bench", "--generation", "--plain-batches", "64,x"]) == 2
     assert "--plain-batches: expected comma-separated integers" in capsys.readouterr().err
+    assert main(["bench", "--generation", "--extra", "131072:x"]) == 2
+    assert "--extra: expected TOKENS:CONCURRENT pairs" in capsys.readouterr().err
+    assert main(["bench", "--generation", "--resume", "--out", "gen.json"]) == 2
+    assert "--resume continues a cut training bench only" in capsys.readouterr().err
 
 
 def test_flops_formula():
@@ -160,6 +164,9 @@ def test_generation_bench_reports_progress_after_every_run(tmp_path, gemma_token
                                   tokenizer="builtin:gemma-3-270m", data_dir=None, rows_per_source=8, prompts=4,
                                   max_new_tokens=3, batch=2, static=False, work=tmp_path,
                                   progress=lambda partial: seen.append(([r["run"] for r in partial["runs"]],
-                                                                        partial.get("partial"))))
-    assert seen == [(["plain"], True), (["plain", "ours"], True), (["plain", "ours", "ours-generate"], True)]
+                                                                        partial.get("partial"),
+                                                                        partial["differing_rows_fp32"])))
+    # After each run, then once more when the fp32 gaps are scored (None until then: not computed).
+    assert seen == [(["plain"], True, None), (["plain", "ours"], True, None),
+                    (["plain", "ours", "ours-generate"], True, None), (["plain", "ours", "ours-generate"], True, [])]
     assert "partial" not in report and [r["run"] for r in report["runs"]] == ["plain", "ours", "ours-generate"]

@@ -210,8 +210,11 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
 
-    def snapshot(gaps: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
-        margins = [abs(g["plain_minus_ours"]) for g in gaps if "plain_minus_ours" in g]
+    scored: dict[str, Any] = {"gaps": None}  # None until the fp32 gaps are computed
+
+    def snapshot(partial: bool) -> dict[str, Any]:
+        gaps = scored["gaps"]
+        margins = [abs(g["plain_minus_ours"]) for g in gaps or [] if "plain_minus_ours" in g]
         return {
             "prompts": len(texts), "max_new_tokens": max_new_tokens, "model": model_name, "shape": shape,
             "mean_prompt_tokens": statistics.fmean(len(e) for e in encoded), "runs": runs,
@@ -226,7 +229,7 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     def run_variant(name: str, rows_per_batch: int, fn, extra_fields: dict[str, Any]) -> None:
         _run_variant(name, rows_per_batch, fn, runs, outputs, extra_fields)
         if progress is not None:  # a run cut by a time limit keeps what finished
-            progress(snapshot([], partial=True))
+            progress(snapshot(partial=True))
 
     for name, rows_per_batch, fn in variants:
         run_variant(name, rows_per_batch, fn,
@@ -235,7 +238,9 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     if "plain" not in outputs:
         raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
-    gaps = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
+    scored["gaps"] = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
+    if progress is not None:
+        progress(snapshot(partial=True))
     model = None  # fp32 now, and done: the variants below load fresh bf16 models
     if compile_layers:
         compiled = load_model(model_config, device=device, dtype=dtype).eval()
@@ -251,4 +256,4 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         run_variant("ours-liger", batch, lambda: ours_decode(liger_model, tok, encoded, max_new_tokens, batch, device,
                                                              max_batch_tokens, liger_stats, concurrent),
                     {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": liger_stats.as_dict})
-    return snapshot(gaps, partial=False)
+    return snapshot(partial=False)

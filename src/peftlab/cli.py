@@ -195,6 +195,8 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     from peftlab.bench_generate import run_generation_bench
     from peftlab.rundir import write_json
 
+    if args.resume:
+        raise UserError("bench --generation: --resume continues a cut training bench only; rerun the generation bench")
     for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens", "concurrent"):
         if getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")

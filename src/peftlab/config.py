@@ -163,6 +163,7 @@ class EvaluateConfig:
     # ensemble's plain KV-cached loop). Both greedy.
     decoder: Literal["static", "generate"] = "static"
     # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
+    # (The static ensemble holds one KV cache per member: twice the cache memory of one model.)
     max_batch_tokens: int | None = 131072
     # `static` decoder: batches decoded at once, each on its own CUDA stream (memory: this many batches' KV caches).
     concurrent_batches: int = 1

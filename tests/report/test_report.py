@@ -384,6 +384,24 @@ def test_resources_show_generation_speed_and_decoder(built: tuple[Path, dict[str
     assert "generate" in rows["Base"] and "| no" in rows["Base"]
 
 
+def test_generation_speed_without_training_and_with_odd_records(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path)
+    for path in (run_dir / "train").glob("*/metrics.json"):
+        path.unlink()
+    results = json.loads((run_dir / "results.json").read_text())
+    results["training"] = {}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    metrics_path = run_dir / "eval" / "qlora" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["generation"].update(decoder_kind=7, decoder={"graph_steps": 3, "decode_steps": 4,
+                                                          "cuda_graph_fallback": "RuntimeError: capture"})
+    metrics_path.write_text(json.dumps(metrics))
+    build_report(run_dir)
+    resources = _section((run_dir / "report.md").read_text(encoding="utf-8"), "Resources")
+    assert "No training metrics found" in resources and "Graph replays / decoding steps" in resources
+    assert "yes: RuntimeError: capture" in resources and "3 / 4" in resources
+
+
 def test_findings_mention_comparisons_with_p_values(built: tuple[Path, dict[str, Path]]) -> None:
     findings = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Headline findings")
     assert "QLoRA vs GaLore: BLEU-4: +0.0063, p=0.31, not significant" in findings

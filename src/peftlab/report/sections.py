@@ -172,8 +172,10 @@ def _gpu_cell(metrics: dict[str, Any], key: str) -> str:
 
 
 def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
+    speed = generation_speed_table(run, colors)
     if not run.trained:
-        return [Paragraph("No training metrics found (train/<method>/metrics.json).", muted=True)]
+        return [Paragraph("No training metrics found (train/<method>/metrics.json).", muted=True),
+                *([speed] if speed is not None else [])]
     rows = []
     for method in run.trained:
         m = run.training[method]
@@ -216,7 +218,6 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
         stages = [s for s in run.training[method].get("stages") or [] if isinstance(s, dict)]
         if stages:
             blocks.append(_stage_table(method, stages))
-    speed = generation_speed_table(run, colors)
     if speed is not None:
         blocks.append(speed)
     return blocks
@@ -232,16 +233,17 @@ def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
         decoder = generation.get("decoder") if isinstance(generation.get("decoder"), dict) else {}
         graphs = (f"{fmt.integer(decoder.get('graph_steps'))} / {fmt.integer(decoder.get('decode_steps'))}"
                   if decoder else fmt.MISSING)
-        fallback = decoder.get("cuda_graph_fallback") or []
+        fallback = decoder.get("cuda_graph_fallback")
+        fallback = [str(item) for item in fallback] if isinstance(fallback, list) else [str(fallback)] if fallback else []
         rows.append([
             _model_cell(model, colors),
-            generation.get("decoder_kind") or ("static" if decoder else "generate"),
+            str(generation.get("decoder_kind") or ("static" if decoder else "generate")),
             fmt.integer(generation.get("generated_tokens")),
             fmt.duration(generation.get("seconds")),
             fmt.rate(generation.get("tokens_per_s")),
             fmt.integer(generation.get("batch_size")),
             graphs,
-            "yes: " + fmt.truncate(str(fallback[0]), 60) if fallback else "no",
+            "yes: " + fmt.truncate(fallback[0], 60) if fallback else "no",
         ])
     if not rows:
         return None

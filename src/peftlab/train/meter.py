@@ -176,8 +176,9 @@ class PhasePeaks(TrainerCallback):
     layer's recompute starting inside backward under activation checkpointing (torch stops a
     recompute early, so a layer's recompute and backward span from its recompute start to the next
     one's), the final norm (after it: the loss and its backward), the optimizer step. `read_and_reset()` returns the peak since its last
-    call and resets the counter (`torch.cuda` on a GPU; tests pass a fake). Lighter than the
-    allocator's history (`peak_allocation_sites`), which names the code but can fail to record.
+    call and resets the counter (`torch.cuda` on a GPU; tests pass a fake), so a peak read after
+    training is no longer the training peak: the highest span is. Lighter than the allocator's history
+    (`peak_allocation_sites`), which names the code but can fail to record.
     """
 
     def __init__(self, read_and_reset) -> None:
