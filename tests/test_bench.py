@@ -81,6 +81,7 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["prompts"] == 10 and "partial" not in report  # the final report replaced the partial ones
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # tokens/s per run
     assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static",
                                                   "ours-t40-c2"]
     plain, plain3, ours, ours_generate, static, budget = report["runs"]

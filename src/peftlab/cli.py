@@ -192,7 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
 def _generation_bench(args: argparse.Namespace) -> dict:
     import tempfile
 
-    from peftlab.bench_generate import run_generation_bench
+    from peftlab.bench_generate import plot_generation, run_generation_bench
     from peftlab.rundir import write_json
 
     if args.resume:
@@ -225,6 +225,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
         )
     if args.out is not None:
         write_json(args.out, report)
+        plot_generation(report, args.out.with_suffix(".png"))
     return report
 
 
