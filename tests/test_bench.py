@@ -86,6 +86,7 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
                                                   "ours-t40-c2"]
     plain, plain3, ours, ours_generate, static, budget = report["runs"]
     assert budget["identical_rows"] == 10 and budget["generated_tokens"] == ours["generated_tokens"]
+    assert budget["max_batch_tokens"] == 40 and budget["concurrent"] == 2 and budget["decoder"]["batches"] >= 3
     assert plain["batch"] == 64 and plain3["batch"] == 3 and ours["batch"] == 4
     # fp32 on CPU: batching, padding and the static-cache decoder must not change a greedy token.
     assert all(r["identical_rows"] == 10 for r in (plain3, ours, ours_generate, static))

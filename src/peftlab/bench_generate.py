@@ -203,10 +203,11 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
-    for budget, streams in extra:
-        variants.append((f"ours-t{budget}-c{streams}", batch,
-                         lambda budget=budget, streams=streams: ours_decode(
-                             model, tok, encoded, max_new_tokens, batch, device, budget, DecodeStats(), streams)))
+    extra_stats = {f"ours-t{budget}-c{streams}": (budget, streams, DecodeStats()) for budget, streams in extra}
+    for name, (budget, streams, extra_run_stats) in extra_stats.items():
+        variants.append((name, batch,
+                         lambda budget=budget, streams=streams, extra_run_stats=extra_run_stats: ours_decode(
+                             model, tok, encoded, max_new_tokens, batch, device, budget, extra_run_stats, streams)))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
 
@@ -231,10 +232,12 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         if progress is not None:  # a run cut by a time limit keeps what finished
             progress(snapshot(partial=True))
 
+    settings = {"ours": (max_batch_tokens, concurrent, stats), **extra_stats}
     for name, rows_per_batch, fn in variants:
+        budget, streams, run_stats = settings.get(name, (None, None, None))
         run_variant(name, rows_per_batch, fn,
-                    {"max_batch_tokens": max_batch_tokens, "concurrent": concurrent, "decoder": stats.as_dict}
-                    if name == "ours" else {})
+                    {"max_batch_tokens": budget, "concurrent": streams, "decoder": run_stats.as_dict}
+                    if run_stats is not None else {})
     if "plain" not in outputs:
         raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
