@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from profile_train import _sync, top_ops
 
 
 def main() -> int:
-    from peftlab.bench import BenchSpec, default_sources
-    from peftlab.bench_generate import workload_prompts
+    from peftlab.bench_generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts, hf_greedy, left_pad
     from peftlab.evaluate.static_decode import static_greedy
@@ -48,9 +46,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     device = device_name()
-    with tempfile.TemporaryDirectory(prefix="peftlab-genprof-") as work:
-        spec = BenchSpec("lora", "fast", args.shape, args.tokenizer, default_sources(args.data), 190, 1024, -1, work)
-        config, texts = workload_prompts(spec, args.batch)
+    config, texts = generation_prompts(args.data, args.tokenizer, args.batch, shape=args.shape)
     tokenizer = load_tokenizer(config.model)
     if args.model:
         model_config = ModelConfig(name_or_path=args.model, tokenizer=args.tokenizer, attn_implementation="sdpa")

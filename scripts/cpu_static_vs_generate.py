@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 
 
 def main() -> int:
-    from peftlab.bench import BenchSpec, default_sources
-    from peftlab.bench_generate import workload_prompts
+    from peftlab.bench_generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts, generate_token_ids, hf_greedy, stop_token_ids
     from peftlab.evaluate.static_decode import DecodeStats, static_greedy
@@ -39,10 +37,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="peftlab-cpu-decode-") as work:
-        spec = BenchSpec("lora", "fast", "builtin:gemma-3-1b", args.tokenizer, default_sources(args.data), 190, 1024,
-                         -1, work)
-        config, texts = workload_prompts(spec, args.prompts)
+    config, texts = generation_prompts(args.data, args.tokenizer, args.prompts)
     tokenizer = load_tokenizer(config.model)
     encoded = encode_prompts(tokenizer, texts)
     model = load_model(ModelConfig(name_or_path=args.model, tokenizer=args.tokenizer, attn_implementation="sdpa"),

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 
 def main() -> int:
-    from peftlab.bench import BenchSpec, default_sources
-    from peftlab.bench_generate import workload_prompts
+    from peftlab.bench_generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts
     from peftlab.models import load_model, load_tokenizer
@@ -38,10 +36,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     report = json.loads(args.report.read_text())
-    with tempfile.TemporaryDirectory(prefix="peftlab-rescore-") as work:
-        spec = BenchSpec("lora", "fast", "builtin:gemma-3-1b", args.tokenizer, default_sources(args.data), 190, 1024,
-                         -1, work)
-        config, texts = workload_prompts(spec, report["prompts"])
+    config, texts = generation_prompts(args.data, args.tokenizer, report["prompts"])
     encoded = encode_prompts(load_tokenizer(config.model), texts)
     model = load_model(ModelConfig(name_or_path=args.model, tokenizer=args.tokenizer, attn_implementation="sdpa"),
                        device="cpu", dtype=torch.float32).eval()

@@ -172,3 +172,11 @@ def test_generation_bench_reports_progress_after_every_run(tmp_path, gemma_token
     assert seen == [(["plain"], True, None), (["plain", "ours"], True, None),
                     (["plain", "ours", "ours-generate"], True, None), (["plain", "ours", "ours-generate"], True, [])]
     assert "partial" not in report and [r["run"] for r in report["runs"]] == ["plain", "ours", "ours-generate"]
+
+
+def test_generation_prompts_are_rendered_up_to_the_model_turn(gemma_tokenizer):
+    from peftlab.bench_generate import generation_prompts
+
+    _, texts = generation_prompts(None, "builtin:gemma-3-270m", 3, rows_per_source=8, shape="builtin:tiny-gemma3")
+    assert len(texts) == 3
+    assert all(t.startswith("<bos>") and t.endswith("<start_of_turn>model\n") for t in texts)

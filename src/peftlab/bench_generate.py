@@ -59,6 +59,17 @@ def workload_prompts(spec: BenchSpec, count: int) -> tuple[Any, list[str]]:
     return config, [render_prompt(row["messages"]) for row in rows]
 
 
+def generation_prompts(data_dir: str | None, tokenizer: str, count: int, rows_per_source: int = 190,
+                       shape: str = "builtin:gemma-3-1b") -> tuple[Any, list[str]]:
+    """The generation bench's prompts (the first `count` workload rows up to their last model turn),
+    prepared in a temporary folder; for scripts that rebuild the bench's inputs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-prompts-") as work:
+        spec = BenchSpec("lora", "fast", shape, tokenizer, default_sources(data_dir), rows_per_source, 1024, -1, work)
+        return workload_prompts(spec, count)
+
+
 def _timed(fn) -> tuple[Any, float, float]:
     """(result, seconds, peak allocated GiB) of `fn()` with the peak counter reset first."""
     if torch.cuda.is_available():
