@@ -21,7 +21,9 @@ def compile_decoder_layers(model) -> int:
     torch._dynamo.reset()
     counters.clear()  # compile_stats() then describes this model's run only
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    layers = _base_model(model).get_decoder().layers
+    from peftlab.models import base_model
+
+    layers = base_model(model).get_decoder().layers
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
@@ -35,8 +37,3 @@ def compile_stats() -> dict[str, int]:
     return {"frames_total": int(counters["frames"]["total"]), "frames_ok": int(counters["frames"]["ok"]),
             "unique_graphs": int(counters["stats"]["unique_graphs"])}
 
-
-def _base_model(model):
-    """The transformers model under DDP/FSDP (`.module`) and PEFT wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -232,6 +232,12 @@ def apply_liger_kernels(loaded, device: str) -> None:
                                       fused_linear_cross_entropy=False, model=loaded)
 
 
+def base_model(model):
+    """The transformers model under DDP/FSDP (`.module`) and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def avoid_cudnn_attention() -> None:
     """Route SDPA to the flash / memory-efficient kernels instead of cuDNN's.
 

@@ -58,7 +58,7 @@ def record_head_calls(path: str) -> None:
     make_args = runner.training_arguments
 
     def training_arguments(method, out, device, dtype, recipe, fsdp=False):
-        head = runner._unwrap(recipe.model).get_output_embeddings()
+        head = runner.base_model(recipe.model).get_output_embeddings()
         rank = os.environ.get("RANK", "0")
 
         def hook(module, args):

@@ -112,8 +112,9 @@ def _cache_keyword(model) -> str:
     """transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name warns)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    from peftlab.models import base_model
+
+    return "cache" if "cache" in inspect.signature(type(base_model(model)).forward).parameters else "past_key_values"
 
 
 def _static_cache(layers: int):

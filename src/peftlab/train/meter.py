@@ -193,8 +193,9 @@ class PhasePeaks(TrainerCallback):
         self.last = label
 
     def attach(self, model) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = base.get_decoder()
+        from peftlab.models import base_model
+
+        decoder = base_model(model).get_decoder()
         for index, layer in enumerate(decoder.layers):
             # Hooks on the layer's first and last blocks, not the layer: transformers (5.2x) checkpoints a
             # layer's `forward`, so the layer's own hooks do not run again when backward recomputes it.

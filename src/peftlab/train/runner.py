@@ -27,7 +27,7 @@ from peftlab.config import MethodConfig, StudyConfig
 from peftlab.data.prepare import read_split, tokenizer_fingerprint
 from peftlab.errors import UserError
 from peftlab.methods import BuildContext, Recipe, build
-from peftlab.models import count_parameters, device_name, load_tokenizer, resolve_dtype
+from peftlab.models import base_model, count_parameters, device_name, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
 from peftlab.train.batches import PadCollator, TokenizedRows
 from peftlab.train.meter import StepTimes, measure
@@ -130,7 +130,7 @@ class TargetTokenTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled:
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
-            enable_target_token_forward(_unwrap(self.model))
+            enable_target_token_forward(base_model(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
@@ -169,7 +169,7 @@ class TargetTokenTrainer(Trainer):
         # `count` is the token count of all ranks, and DDP / FSDP average gradients over ranks.
         scale = (self.accelerator.num_processes
                  if num_items_in_batch is not None and self.args.average_tokens_across_devices else None)
-        causal_lm = _unwrap(model)
+        causal_lm = base_model(model)
         if self.is_fsdp_enabled:
             # Sharded weights exist whole only inside the wrapped forward: the loss is computed there
             # (`enable_target_token_forward`), through the root so that FSDP gathers them.
@@ -227,11 +227,6 @@ def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mas
     finally:
         handle.remove()
     return captured[-1]
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class StopAfter(TrainerCallback):
@@ -304,7 +299,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
                        fsdp: bool = False) -> TrainingArguments:
     extra: dict[str, Any] = {}
     if fsdp:
-        layer = _unwrap(recipe.model).get_decoder().layers[0]
+        layer = base_model(recipe.model).get_decoder().layers[0]
         extra["fsdp"] = True
         # Checkpointing stays the Trainer's: accelerate's FSDP activation checkpointing renames the
         # wrapped modules (PEFT then saves empty adapters) and replays dropout with a new RNG state.
@@ -439,7 +434,7 @@ def train_method(
             for item in gathered.iterdir():
                 item.rename(final / item.name)
             gathered.rmdir()
-            if getattr(_unwrap(recipe.model).config, "tie_word_embeddings", False):
+            if getattr(base_model(recipe.model).config, "tie_word_embeddings", False):
                 drop_tied_head(final)
         else:
             recipe.model.save_pretrained(final, safe_serialization=True)
