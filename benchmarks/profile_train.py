@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import TrainerCallback
 
 
@@ -107,7 +108,7 @@ def memory_one(method: str, profile: str, args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="peftlab-memory-") as work:
         spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
-                         args.steps, work)
+                         args.steps, work, args.overrides)
         config, run_dir = prepare_workload(spec)
         callback = RecordMemory()
         metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
@@ -128,7 +129,7 @@ def phases_one(method: str, profile: str, args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="peftlab-phases-") as work:
         spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
-                         args.steps, work)
+                         args.steps, work, args.overrides)
         config, run_dir = prepare_workload(spec)
         phases = PhasePeaks(read_and_reset)
         runner.train_method(config, run_dir, method, callbacks=[phases])
@@ -144,7 +145,7 @@ def profile_one(method: str, profile: str, args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="peftlab-profile-") as work:
         spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
-                         args.steps, work)
+                         args.steps, work, args.overrides)
         config, run_dir = prepare_workload(spec)
         callback = ProfileSteps(3, args.steps)
         if torch.cuda.is_available():
@@ -180,16 +181,23 @@ def main() -> int:
     parser.add_argument("--memory", action="store_true",
                         help="instead of the time profile: record the allocator's history over --steps steps and"
                              " list the code holding memory at the peak")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method setting over the profile's (dotted, YAML value), e.g. quant.compute_dtype=bfloat16;"
+                             " repeatable, applies to every run")
     parser.add_argument("--phases", action="store_true",
                         help="instead: the peak allocated memory per span of each step (layers, loss, optimizer)")
     args = parser.parse_args()
+    try:
+        args.overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        parser.error(f"--set takes KEY=VALUE, got {args.set}")
     if args.memory and args.phases:
         parser.error("--memory and --phases: one at a time")
     memory_mode = args.memory or args.phases
     if args.steps < (1 if memory_mode else 3):
         parser.error("--steps must be at least 3 (profiling starts at step 3)" if not memory_mode
                      else "--steps must be at least 1")
-    report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
+    report = {"command": " ".join(["python", *sys.argv]), "overrides": args.overrides, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": []}
     for item in args.runs:
         method, profile = item.split(":")
         try:

@@ -52,7 +52,11 @@ def test_unknown_method_is_a_user_error(capsys):
     assert main(["bench", "--generation", "--plain-batches", "64,x"]) == 2
     assert "--plain-batches: expected comma-separated integers" in capsys.readouterr().err
     assert main(["bench", "--generation", "--extra", "131072:x"]) == 2
-    assert "--extra: expected TOKENS:CONCURRENT pairs" in capsys.readouterr().err
+    assert "--extra: expected TOKENS:CONCURRENT[:ROWS] settings" in capsys.readouterr().err
+    assert main(["bench", "--generation", "--extra", "131072:3:64:1"]) == 2
+    assert "--extra: expected TOKENS:CONCURRENT[:ROWS]" in capsys.readouterr().err
+    assert main(["bench", "--generation", "--extra", "131072:3:0"]) == 2
+    assert "rows must be at least 1" in capsys.readouterr().err
     assert main(["bench", "--generation", "--resume", "--out", "gen.json"]) == 2
     assert "--resume continues a cut training bench only" in capsys.readouterr().err
 
@@ -77,14 +81,15 @@ def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer
     out = tmp_path / "gen.json"
     assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
                  "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--plain-batches", "64,3",
-                 "--extra", "40:2", "--concurrent", "3",
+                 "--extra", "40:2,1000:1:2", "--concurrent", "3",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["prompts"] == 10 and "partial" not in report  # the final report replaced the partial ones
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # tokens/s per run
     assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static",
-                                                  "ours-t40-c2"]
-    plain, plain3, ours, ours_generate, static, budget = report["runs"]
+                                                  "ours-t40-c2", "ours-t1000-c1-r2"]
+    plain, plain3, ours, ours_generate, static, budget, two_rows = report["runs"]
+    assert two_rows["batch"] == 2 and two_rows["decoder"]["batches"] == 5 and two_rows["identical_rows"] == 10
     assert budget["identical_rows"] == 10 and budget["generated_tokens"] == ours["generated_tokens"]
     assert budget["max_batch_tokens"] == 40 and budget["concurrent"] == 2 and budget["decoder"]["batches"] >= 3
     assert plain["batch"] == 64 and plain3["batch"] == 3 and ours["batch"] == 4

@@ -74,6 +74,8 @@ class BenchSpec:
     max_seq_length: int = 1024
     max_steps: int = -1
     work_dir: str = ""
+    # Dotted method settings over the profile's, e.g. {"quant.compute_dtype": "bfloat16"} (A/B runs).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def default_sources(data_dir: str | None) -> list[dict[str, str]]:
@@ -103,6 +105,12 @@ def workload_config(spec: BenchSpec):
                             "targets": ["attn", "mlp"]}
     for key, value in METHOD_PROFILE.get((spec.method, spec.profile), {}).items():
         method[key] = {**method.get(key, {}), **value}
+    for dotted, value in spec.overrides.items():
+        *parents, leaf = dotted.split(".")
+        target = method
+        for name in parents:
+            target = target.setdefault(name, {})
+        target[leaf] = value
     rows = spec.rows_per_source
     raw = {
         "name": "bench",

@@ -170,13 +170,13 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          work: Path, plain_batches: tuple[int, ...] = (),
                          max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
                          concurrent: int = EvaluateConfig.concurrent_batches,
-                         extra: tuple[tuple[int, int], ...] = (), liger: bool = False,
+                         extra: tuple[tuple[int, ...], ...] = (), liger: bool = False,
                          compile_layers: bool = False,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
-    identical-rows fraction in bf16). `extra`: (max_batch_tokens, concurrent) settings of our decoder to
-    time besides the chosen one (runs `ours-t{tokens}-c{concurrent}`). `progress` gets the report so
+    identical-rows fraction in bf16). `extra`: (max_batch_tokens, concurrent[, rows per batch]) settings of
+    our decoder to time besides the chosen one (runs `ours-t{tokens}-c{concurrent}[-r{rows}]`). `progress` gets the report so
     far (marked `partial`) after every run."""
     from peftlab.config import ModelConfig
     from peftlab.models import avoid_cudnn_attention, device_name, load_model, load_tokenizer
@@ -214,11 +214,14 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
     if static:
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
-    extra_stats = {f"ours-t{budget}-c{streams}": (budget, streams, DecodeStats()) for budget, streams in extra}
-    for name, (budget, streams, extra_run_stats) in extra_stats.items():
-        variants.append((name, batch,
-                         lambda budget=budget, streams=streams, extra_run_stats=extra_run_stats: ours_decode(
-                             model, tok, encoded, max_new_tokens, batch, device, budget, extra_run_stats, streams)))
+    extra_stats = {}
+    for budget, streams, *cap in extra:
+        rows = cap[0] if cap else batch
+        name = f"ours-t{budget}-c{streams}" + (f"-r{rows}" if rows != batch else "")
+        extra_stats[name] = (budget, streams, DecodeStats())
+        variants.append((name, rows,
+                         lambda budget=budget, streams=streams, rows=rows, run_stats=extra_stats[name][2]: ours_decode(
+                             model, tok, encoded, max_new_tokens, rows, device, budget, run_stats, streams)))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from peftlab.config import EvaluateConfig
 from peftlab.errors import UserError
 
 
@@ -89,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                             " the others show how many rows plain decoding changes with the batch size alone")
     bench.add_argument("--max-batch-tokens", type=int, default=131072,
                        help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
-    bench.add_argument("--concurrent", type=int, default=1,
+    bench.add_argument("--concurrent", type=int, default=EvaluateConfig.concurrent_batches,
                        help="--generation: batches our decoder runs at once, each on its own CUDA stream")
     bench.add_argument("--extra", default="",
                        help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
-                            " (e.g. 262144:1,131072:4)")
+                            " (e.g. 262144:1,131072:4); an optional third number caps the rows per batch (131072:3:64)")
     bench.add_argument("--compile", action="store_true",
                        help="--generation: also time our path with every decoder layer compiled (torch.compile)")
     bench.add_argument("--liger", action="store_true",
@@ -189,6 +190,14 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _extra_setting(item: str, rows: int) -> tuple[int, int, int]:
+    """`TOKENS:CONCURRENT[:ROWS]` -> (max_batch_tokens, concurrent batches, rows per batch at most)."""
+    values = [int(value) for value in item.split(":")]
+    if len(values) not in (2, 3):
+        raise ValueError(item)
+    return (values[0], values[1], values[2] if len(values) == 3 else rows)
+
 def _generation_bench(args: argparse.Namespace) -> dict:
     import tempfile
 
@@ -207,12 +216,12 @@ def _generation_bench(args: argparse.Namespace) -> dict:
     if any(rows < 1 for rows in plain_batches):
         raise UserError("bench --plain-batches: every batch size must be at least 1")
     try:
-        extra = tuple((int(tokens), int(streams)) for tokens, streams in
-                      (item.split(":") for item in args.extra.split(",") if item.strip()))
+        extra = tuple(_extra_setting(item, args.batch) for item in args.extra.split(",") if item.strip())
     except ValueError:
-        raise UserError(f"bench --extra: expected TOKENS:CONCURRENT pairs, comma-separated, got {args.extra!r}") from None
-    if any(tokens < 1 or streams < 1 for tokens, streams in extra):
-        raise UserError("bench --extra: tokens and concurrent batches must be at least 1")
+        raise UserError("bench --extra: expected TOKENS:CONCURRENT[:ROWS] settings, comma-separated,"
+                        f" got {args.extra!r}") from None
+    if any(value < 1 for setting in extra for value in setting):
+        raise UserError("bench --extra: tokens, concurrent batches and rows must be at least 1")
     with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:
         report = run_generation_bench(
             shape=None if args.model else args.shape, model_name=args.model or args.tokenizer,

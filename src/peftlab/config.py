@@ -165,8 +165,10 @@ class EvaluateConfig:
     # Padded tokens per batch, rows x (longest prompt + max_new_tokens): long prompts get smaller batches.
     # (The static ensemble holds one KV cache per member: twice the cache memory of one model.)
     max_batch_tokens: int | None = 131072
-    # `static` decoder: batches decoded at once, each on its own CUDA stream (memory: this many batches' KV caches).
-    concurrent_batches: int = 1
+    # `static` decoder: batches decoded at once, each on its own CUDA stream, so one batch's small kernels fill
+    # the GPU while another's wait (1B on an H200: 9,418 -> 13,820 tokens/s from 1 to 3). Memory: this many
+    # batches' KV caches; lower it (or max_batch_tokens) on a small card.
+    concurrent_batches: int = 3
     # `static` decoder: torch.compile each decoder layer first (fused kernels inside the graphs; compile time first).
     torch_compile: bool = False
     limit: int | None = None
