@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from peftlab.config import load_config
+from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import (
     cut_at_stop,
     generate_all,
+    generate_token_ids,
     hf_greedy,
     length_sorted_batches,
     stop_token_ids,
@@ -77,3 +79,41 @@ def test_ensemble_with_alpha_one_is_model_a(tiny_models, gemma_tokenizer):
     other = generate_all(hf_greedy(second, gemma_tokenizer, 8), gemma_tokenizer, PROMPTS, 3, "cpu")
     alpha_zero = mixed_greedy([first, second], [0.0, 1.0], stops, gemma_tokenizer.pad_token_id, 8)
     assert generate_all(alpha_zero, gemma_tokenizer, PROMPTS, 3, "cpu") == other
+
+
+def _echo_last_token_decoder(limit: int, calls: list[tuple[int, int]], concurrent: int = 1):
+    """A decoder whose answer per row is its last prompt token twice, out of memory above `limit`
+    padded prompt tokens in flight."""
+
+    def decode_many(pairs):
+        calls.append((len(pairs), sum(ids.numel() for ids, _ in pairs)))
+        if sum(ids.numel() for ids, _ in pairs) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return [ids[:, -1:].repeat(1, 2) for ids, _ in pairs]
+
+    def decode(ids, mask):
+        return decode_many([(ids, mask)])[0]
+
+    decode.decode_many = decode_many
+    decode.concurrent = concurrent
+    return decode
+
+
+@pytest.mark.parametrize("concurrent", [1, 3])
+def test_out_of_memory_retries_smaller_batches_with_the_same_result(concurrent, caplog):
+    encoded = [[1] * n + [100 + i] for i, n in enumerate([3, 9, 5, 12, 2, 7, 4, 4])]
+    calls: list[tuple[int, int]] = []
+    roomy = generate_token_ids(_echo_last_token_decoder(10**6, []), encoded, 0, [], 4, "cpu")
+    with caplog.at_level("WARNING"):
+        tight = generate_token_ids(_echo_last_token_decoder(30, calls, concurrent), encoded, 0, [], 4, "cpu")
+    assert tight == roomy == [[100 + i, 100 + i] for i in range(len(encoded))]
+    assert max(tokens for _, tokens in calls) > 30 and "GPU out of memory" in caplog.text
+    if concurrent > 1:
+        assert "one at a time" in caplog.text
+    assert "in halves" in caplog.text
+
+
+def test_out_of_memory_on_a_single_prompt_is_a_user_error():
+    with pytest.raises(UserError, match="one prompt of 13 tokens with max_new_tokens 8"):
+        generate_token_ids(_echo_last_token_decoder(12, []), [[1] * 12 + [5], [2, 3]], 0, [], 4, "cpu",
+                           new_tokens=8)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from peftlab.data.chat import END, render_prompt
+from peftlab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,22 +90,60 @@ BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[int]], pad_id: int,
                        stops: Sequence[int], batch_size: int, device, desc: str = "generate",
                        max_batch_tokens: int | None = None, new_tokens: int = 0) -> list[list[int]]:
-    """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order."""
+    """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order.
+
+    Out of GPU memory, the batches in flight are retried one at a time, then halved by rows, down to one
+    row (then a UserError): a card smaller than the defaults assume still finishes, with a warning."""
     results: list[list[int]] = [[] for _ in encoded]
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size, max_batch_tokens, new_tokens)
     # A decoder with `decode_many` takes `concurrent` batches at a time (static_decode: parallel streams).
     decode_many = getattr(decode_batch, "decode_many", None)
     wave = getattr(decode_batch, "concurrent", 1) if decode_many is not None else 1
-    with tqdm(total=len(batches), desc=desc, unit="batch", leave=False, disable=None) as progress:
-        for start in range(0, len(batches), wave):
-            group = batches[start:start + wave]
-            pairs = [left_pad([encoded[i] for i in batch], pad_id, device) for batch in group]
-            outs = decode_many(pairs) if decode_many is not None else [decode_batch(*pair) for pair in pairs]
+
+    def run(group: list[list[int]]) -> list[torch.Tensor]:
+        pairs = [left_pad([encoded[i] for i in batch], pad_id, device) for batch in group]
+        return decode_many(pairs) if decode_many is not None else [decode_batch(*pair) for pair in pairs]
+
+    pending = [batches[start:start + wave] for start in range(0, len(batches), wave)]
+    with tqdm(total=len(encoded), desc=desc, unit="row", leave=False, disable=None) as progress:
+        while pending:
+            group = pending.pop(0)
+            outs = _or_none_when_out_of_memory(run, group)
+            if outs is None:  # retried outside the except block, so the failed attempt's tensors are freed
+                pending[:0] = _smaller(group, encoded, new_tokens)
+                continue
             for batch, out in zip(group, outs, strict=True):
                 for row, tokens in zip(batch, out.tolist(), strict=True):
                     results[row] = cut_at_stop(tokens, stops)
-            progress.update(len(group))
+                progress.update(len(batch))
     return results
+
+
+def _or_none_when_out_of_memory(run, group):
+    try:
+        return run(group)
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def _smaller(group: list[list[int]], encoded: Sequence[Sequence[int]], new_tokens: int) -> list[list[list[int]]]:
+    """What to retry after running out of memory on `group`: its batches one at a time, or one batch's
+    rows in two halves; a single row that does not fit is the user's to fix."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(group) > 1:
+        log.warning("GPU out of memory decoding %d batches at once: retrying them one at a time (lower"
+                    " evaluate.concurrent_batches or evaluate.max_batch_tokens to avoid the retries)", len(group))
+        return [[batch] for batch in group]
+    (batch,) = group
+    if len(batch) == 1:
+        raise UserError(f"evaluation ran out of GPU memory on one prompt of {len(encoded[batch[0]])} tokens"
+                        f" with max_new_tokens {new_tokens}: lower evaluate.max_new_tokens or data.max_seq_length,"
+                        " or use a larger GPU")
+    half = (len(batch) + 1) // 2
+    log.warning("GPU out of memory decoding %d rows of up to %d tokens: retrying in halves (lower"
+                " evaluate.max_batch_tokens to avoid the retries)", len(batch), len(encoded[batch[0]]) + new_tokens)
+    return [[batch[:half]], [batch[half:]]]
 
 
 def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,

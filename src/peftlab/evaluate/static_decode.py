@@ -335,10 +335,12 @@ def _try_capture(members: list[_Member], caches: list[dict[str, Any]], buffers: 
         torch.cuda.synchronize()
         graph = _capture(members, caches, buffers, mix, stream)
     except Exception as exc:  # capture is an optimisation: any failure falls back to the eager step
-        stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-        log.warning("CUDA graph capture failed, decoding eagerly from here (much slower): %s", stats.fallback[-1])
         torch.cuda.set_stream(current)  # a failed capture can leave torch.cuda.graph's stream current
         torch.cuda.synchronize()
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise  # the evaluator retries smaller batches; eager decoding would not fit either
+        stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+        log.warning("CUDA graph capture failed, decoding eagerly from here (much slower): %s", stats.fallback[-1])
         return None
     stats.capture_seconds += time.perf_counter() - started
     return graph
