@@ -163,3 +163,15 @@ def test_static_ensemble_matches_the_mixing_loop(gemma_tokenizer):
     mixed = generate_token_ids(static_mixed_greedy([first, second], [0.5, 0.5], gemma_tokenizer, 40), encoded, pad,
                                [], 2, "cpu")
     assert mixed != alone  # the mix is not one of its members
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 20, 45])
+def test_chunked_prefill_decodes_the_same_tokens(tiny_model, gemma_tokenizer, chunk_tokens):
+    """`evaluate.prefill_chunk_tokens`: the prompt prefilled in slices (1 token per row per forward, slices
+    across the 32-token sliding window, ragged last slices) gives the same tokens as one prefill."""
+    encoded = encode_prompts(gemma_tokenizer, PROMPTS)
+    pad = gemma_tokenizer.pad_token_id
+    whole = generate_token_ids(static_greedy(tiny_model, gemma_tokenizer, 40), encoded, pad, [], 4, "cpu")
+    chunked = generate_token_ids(static_greedy(tiny_model, gemma_tokenizer, 40, prefill_chunk_tokens=chunk_tokens),
+                                 encoded, pad, [], 4, "cpu")
+    assert chunked == whole

@@ -204,7 +204,8 @@ class _Batch:
 
 
 def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = True, concurrent: int = 1,
-                  torch_compile: bool = False, stats: DecodeStats | None = None) -> BatchDecoder:
+                  torch_compile: bool = False, stats: DecodeStats | None = None,
+                  prefill_chunk_tokens: int | None = None) -> BatchDecoder:
     """A batch decoder for `generate_all` (same contract as `hf_greedy`: ids, left-padding mask ->
     `max_new_tokens` new ids per row; anything after a row's stop token is not meaningful).
 
@@ -212,14 +213,18 @@ def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = T
     its own CUDA stream, so one batch's small kernels can overlap another's.
 
     `torch_compile` compiles each decoder layer in place first (fused kernels, then captured in the
-    graphs; each batch's first, eager step compiles what its shapes need, outside the capture)."""
+    graphs; each batch's first, eager step compiles what its shapes need, outside the capture).
+
+    `prefill_chunk_tokens` runs each prefill in slices of the prompt of about that many padded tokens
+    (rows x slice), so its activations stay small; None: the whole prompt in one forward."""
     return _decoder([_Member(model, 1.0, _cache_keyword(model))], tokenizer, max_new_tokens, mix=False,
-                    cuda_graph=cuda_graph, concurrent=concurrent, torch_compile=torch_compile, stats=stats)
+                    cuda_graph=cuda_graph, concurrent=concurrent, torch_compile=torch_compile, stats=stats,
+                    prefill_chunk_tokens=prefill_chunk_tokens)
 
 
 def static_mixed_greedy(models, weights, tokenizer, max_new_tokens: int, *, cuda_graph: bool = True,
                         concurrent: int = 1, torch_compile: bool = False,
-                        stats: DecodeStats | None = None) -> BatchDecoder:
+                        stats: DecodeStats | None = None, prefill_chunk_tokens: int | None = None) -> BatchDecoder:
     """The ensemble's decoder (`evaluate/ensemble.py`'s `mixed_greedy`: argmax of the weighted sum of
     the models' log-probabilities; models with weight 0 are not run) on static caches and CUDA graphs:
     one graph per step runs every member."""
@@ -227,7 +232,7 @@ def static_mixed_greedy(models, weights, tokenizer, max_new_tokens: int, *, cuda
     if not members:
         raise ValueError("at least one ensemble weight must be non-zero")
     return _decoder(members, tokenizer, max_new_tokens, mix=True, cuda_graph=cuda_graph, concurrent=concurrent,
-                    torch_compile=torch_compile, stats=stats)
+                    torch_compile=torch_compile, stats=stats, prefill_chunk_tokens=prefill_chunk_tokens)
 
 
 def _sliding_window(members: list[_Member]) -> int | None:
@@ -247,7 +252,8 @@ def _sliding_window(members: list[_Member]) -> int | None:
 
 
 def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: bool, cuda_graph: bool,
-             concurrent: int, torch_compile: bool, stats: DecodeStats | None) -> BatchDecoder:
+             concurrent: int, torch_compile: bool, stats: DecodeStats | None,
+             prefill_chunk_tokens: int | None = None) -> BatchDecoder:
     window = _sliding_window(members)
     new_caches = [_static_cache(_text_config(m.model).num_hidden_layers) for m in members]
     stop_ids = stop_token_ids(tokenizer)
@@ -262,8 +268,14 @@ def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: boo
         width = ids.shape[1]
         caches = [{m.keyword: new(width + max_new_tokens)} for m, new in zip(members, new_caches, strict=True)]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-        logits = [m.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                          **cache).logits for m, cache in zip(members, caches, strict=True)]
+        # Chunked along the prompt: each forward holds the activations of at most ~prefill_chunk_tokens
+        # tokens; later chunks attend to the cache the earlier ones wrote.
+        step = width if not prefill_chunk_tokens else max(1, prefill_chunk_tokens // ids.shape[0])
+        for start in range(0, width, step):
+            end = min(width, start + step)
+            logits = [m.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                              position_ids=positions[:, start:end], use_cache=True, logits_to_keep=1, **cache).logits
+                      for m, cache in zip(members, caches, strict=True)]
         first = _next_token(logits, members, mix)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=ids.device)
         buffers = _StepBuffers(mask, first, positions[:, -1] + 1, width, max_new_tokens, window, stops)
