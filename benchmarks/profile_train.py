@@ -189,8 +189,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         args.overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-    except ValueError:
-        parser.error(f"--set takes KEY=VALUE, got {args.set}")
+    except (ValueError, yaml.YAMLError):
+        parser.error(f"--set takes KEY=VALUE with a YAML value, got {args.set}")
     if args.memory and args.phases:
         parser.error("--memory and --phases: one at a time")
     memory_mode = args.memory or args.phases

@@ -36,6 +36,17 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
         ("lora", "fast", True), ("lora", "lowmem", None)]
     assert "lora / fast: kept from" in capsys.readouterr().err
     assert resumed["kept_runs"] == [["lora", "fast"]]
+    assert resumed["runs"][1]["settings"]["lora"]["dropout"] == 0.05  # what the run trained with
+    # A kept run whose profile's settings changed since is run again, not mixed in.
+    changed = {**resumed, "runs": [{**resumed["runs"][0], "settings": {**resumed["runs"][0]["settings"], "lr": 1.0}},
+                                   resumed["runs"][1]]}
+    out.write_text(json.dumps(changed))
+    assert main(args) == 0
+    rerun = json.loads(out.read_text())
+    assert "lora / fast: its settings changed since" in capsys.readouterr().err
+    assert [(r["method"], r["profile"], r.get("kept")) for r in rerun["runs"]] == [
+        ("lora", "fast", None), ("lora", "lowmem", None)]
+    assert rerun["kept_runs"] == [["lora", "lowmem"]]
     # A report of another workload is refused, not mixed in.
     assert main([*args[:-5], "--max-steps", "2", "--out", str(out), "--resume"]) == 2
     assert "another workload" in capsys.readouterr().err
@@ -77,18 +88,21 @@ def test_steady_rate_is_tokens_per_step_over_the_median_step():
     assert steady_tokens_per_s({**run, "step_s_median": None}) is None
 
 
-def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer):
+def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer, capsys):
     out = tmp_path / "gen.json"
     assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
                  "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--plain-batches", "64,3",
-                 "--extra", "40:2,1000:1:2", "--concurrent", "3",
+                 "--extra", "40:2,40:2:4,131072:3,1000:1:2", "--concurrent", "3", "--prefill-chunk-tokens", "8",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    # 40:2 and 40:2:4 are one setting at --batch 4; 131072:3 is the main run's: each timed once.
+    assert "131072:3:4 is the main run's setting" in capsys.readouterr().err
     assert report["prompts"] == 10 and "partial" not in report  # the final report replaced the partial ones
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # tokens/s per run
     assert [r["run"] for r in report["runs"]] == ["plain", "plain-b3", "ours", "ours-generate", "ours-static",
-                                                  "ours-t40-c2", "ours-t1000-c1-r2"]
-    plain, plain3, ours, ours_generate, static, budget, two_rows = report["runs"]
+                                                  "ours-t40-c2", "ours-t1000-c1-r2", "ours-p8"]
+    plain, plain3, ours, ours_generate, static, budget, two_rows, chunked = report["runs"]
+    assert chunked["identical_rows"] == 10 and chunked["decoder"]["batches"] == 3  # chunked prefill: same tokens
     assert two_rows["batch"] == 2 and two_rows["decoder"]["batches"] == 5 and two_rows["identical_rows"] == 10
     assert budget["identical_rows"] == 10 and budget["generated_tokens"] == ours["generated_tokens"]
     assert budget["max_batch_tokens"] == 40 and budget["concurrent"] == 2 and budget["decoder"]["batches"] >= 3

@@ -111,6 +111,8 @@ def workload_config(spec: BenchSpec):
         target = method
         for name in parents:
             target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise UserError(f"override {dotted}: '{name}' is a setting, not a section")
         target[leaf] = value
     rows = spec.rows_per_source
     raw = {
@@ -265,6 +267,15 @@ def steady_tokens_per_s(run: dict[str, Any]) -> float | None:
     return run["tokens_trained"] / steps / median
 
 
+def run_settings(spec: BenchSpec) -> dict[str, Any]:
+    """The resolved method settings a run trains with (JSON-normalised), so `--resume` never keeps a run
+    whose profile has changed since."""
+    if spec.profile == "reference":
+        return {"reference": STUDY_HYPERPARAMETERS.get(spec.method, {})}
+    method = workload_config(spec).methods[spec.method]
+    return json.loads(json.dumps(asdict(method), default=str))
+
+
 def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[str, Any]:
     from peftlab.models import read_model_config
 
@@ -284,6 +295,7 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
         "train_time_s": metrics["train_time_s"], "flops_per_token": per_token,
         "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
         "loss_curve": metrics.get("loss_curve", []),
+        "settings": run_settings(spec),
     }
     row["steady_tokens_per_s"] = steady_tokens_per_s(row)
     return row
@@ -340,9 +352,16 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
     if resume:
         report["kept_runs"] = [[r["method"], r["profile"]] for r in done]
     for index, (method, profile) in enumerate(plan, start=1):
-        if any(r["method"] == method and r["profile"] == profile for r in done):
+        kept = [r for r in done if r["method"] == method and r["profile"] == profile]
+        settings = run_settings(BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps))
+        if kept and kept[0].get("settings") == settings:
             print(f"[{index}/{len(plan)}] {method} / {profile}: kept from {out}", file=sys.stderr, flush=True)
             continue
+        if kept:
+            print(f"[{index}/{len(plan)}] {method} / {profile}: its settings changed since {out}, running it again",
+                  file=sys.stderr, flush=True)
+            report["runs"] = [r for r in report["runs"] if r not in kept]
+            report["kept_runs"].remove([method, profile])
         print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
             spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps, work)

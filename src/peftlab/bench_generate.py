@@ -106,10 +106,10 @@ def ours_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
 
 def ours_decode(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch: int, device,
                 max_batch_tokens: int | None, stats: DecodeStats, concurrent: int = 1,
-                torch_compile: bool = False) -> list[list[int]]:
+                torch_compile: bool = False, prefill_chunk_tokens: int | None = None) -> list[list[int]]:
     """The evaluator's path: the static-cache decoder over token-budgeted length-sorted batches."""
     decode = static_greedy(model, tokenizer, max_new_tokens, stats=stats, concurrent=concurrent,
-                           torch_compile=torch_compile)
+                           torch_compile=torch_compile, prefill_chunk_tokens=prefill_chunk_tokens)
     return generate_token_ids(decode, encoded, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch, device,
                               desc="ours", max_batch_tokens=max_batch_tokens, new_tokens=max_new_tokens)
 
@@ -171,7 +171,7 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                          max_batch_tokens: int | None = EvaluateConfig.max_batch_tokens,
                          concurrent: int = EvaluateConfig.concurrent_batches,
                          extra: tuple[tuple[int, ...], ...] = (), liger: bool = False,
-                         compile_layers: bool = False,
+                         compile_layers: bool = False, prefill_chunk_tokens: int | None = None,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`plain_batches`: more batch sizes for plain `generate`, each compared with batch 64: how many rows
     plain greedy decoding itself changes when only the batch size changes (the noise floor of the
@@ -222,6 +222,12 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         variants.append((name, rows,
                          lambda budget=budget, streams=streams, rows=rows, run_stats=extra_stats[name][2]: ours_decode(
                              model, tok, encoded, max_new_tokens, rows, device, budget, run_stats, streams)))
+    if prefill_chunk_tokens:
+        name = f"ours-p{prefill_chunk_tokens}"
+        extra_stats[name] = (max_batch_tokens, concurrent, DecodeStats())
+        variants.append((name, batch, lambda run_stats=extra_stats[name][2]: ours_decode(
+            model, tok, encoded, max_new_tokens, batch, device, max_batch_tokens, run_stats, concurrent,
+            prefill_chunk_tokens=prefill_chunk_tokens)))
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
 

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
     bench.add_argument("--concurrent", type=int, default=EvaluateConfig.concurrent_batches,
                        help="--generation: batches our decoder runs at once, each on its own CUDA stream")
+    bench.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                       help="--generation: also time our decoder with chunked prefill (run ours-p{N}, the main settings)")
     bench.add_argument("--extra", default="",
                        help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
                             " (e.g. 262144:1,131072:4); an optional third number caps the rows per batch (131072:3:64)")
@@ -206,8 +208,9 @@ def _generation_bench(args: argparse.Namespace) -> dict:
 
     if args.resume:
         raise UserError("bench --generation: --resume continues a cut training bench only; rerun the generation bench")
-    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens", "concurrent"):
-        if getattr(args, flag) < 1:
+    for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens", "concurrent",
+                 "prefill_chunk_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
     try:
         plain_batches = tuple(dict.fromkeys(int(item) for item in args.plain_batches.split(",") if item.strip()))
@@ -222,6 +225,11 @@ def _generation_bench(args: argparse.Namespace) -> dict:
                         f" got {args.extra!r}") from None
     if any(value < 1 for setting in extra for value in setting):
         raise UserError("bench --extra: tokens, concurrent batches and rows must be at least 1")
+    main_setting = (args.max_batch_tokens, args.concurrent, args.batch)
+    if main_setting in extra:
+        print(f"bench --extra: {':'.join(map(str, main_setting))} is the main run's setting; timed once, as 'ours'",
+              file=sys.stderr)
+    extra = tuple(setting for setting in dict.fromkeys(extra) if setting != main_setting)
     with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:
         report = run_generation_bench(
             shape=None if args.model else args.shape, model_name=args.model or args.tokenizer,
@@ -229,6 +237,7 @@ def _generation_bench(args: argparse.Namespace) -> dict:
             prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
             static=args.static_cache, work=Path(work), plain_batches=plain_batches,
             max_batch_tokens=args.max_batch_tokens, concurrent=args.concurrent, extra=extra, liger=args.liger,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
             compile_layers=args.compile,
             progress=(lambda partial: write_json(args.out, partial)) if args.out is not None else None,
         )

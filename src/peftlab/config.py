@@ -171,6 +171,9 @@ class EvaluateConfig:
     # the GPU while another's wait (1B on an H200: 9,418 -> 13,820 tokens/s from 1 to 3). Memory: this many
     # batches' KV caches; lower it (or max_batch_tokens) on a small card.
     concurrent_batches: int = 3
+    # `static` decoder: prefill each batch's prompts in slices of about this many padded tokens (rows x slice),
+    # so the prefill's activations stay small (same tokens; not yet measured on a GPU); null: one forward.
+    prefill_chunk_tokens: int | None = None
     # `static` decoder: torch.compile each decoder layer first (fused kernels inside the graphs; compile time first).
     torch_compile: bool = False
     limit: int | None = None
@@ -514,6 +517,8 @@ def _validate_evaluate(config: StudyConfig) -> None:
         raise UserError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1")
     if ev.bootstrap_samples < 1:
         raise UserError(f"evaluate.bootstrap_samples must be at least 1, got {ev.bootstrap_samples}")
+    if ev.prefill_chunk_tokens is not None and ev.prefill_chunk_tokens < 1:
+        raise UserError(f"evaluate.prefill_chunk_tokens must be at least 1 (or null), got {ev.prefill_chunk_tokens}")
     if ev.concurrent_batches < 1:
         raise UserError(f"evaluate.concurrent_batches must be at least 1, got {ev.concurrent_batches}")
     if ev.max_batch_tokens is not None and ev.max_batch_tokens < 1:

@@ -81,13 +81,14 @@ def test_ensemble_with_alpha_one_is_model_a(tiny_models, gemma_tokenizer):
     assert generate_all(alpha_zero, gemma_tokenizer, PROMPTS, 3, "cpu") == other
 
 
-def _echo_last_token_decoder(limit: int, calls: list[tuple[int, int]], concurrent: int = 1):
+def _echo_last_token_decoder(limit: int, calls: list[tuple[int, int, bool]], concurrent: int = 1):
     """A decoder whose answer per row is its last prompt token twice, out of memory above `limit`
-    padded prompt tokens in flight."""
+    padded prompt tokens in flight; `calls` gets (batches, tokens, ran out of memory) per call."""
 
     def decode_many(pairs):
-        calls.append((len(pairs), sum(ids.numel() for ids, _ in pairs)))
-        if sum(ids.numel() for ids, _ in pairs) > limit:
+        tokens = sum(ids.numel() for ids, _ in pairs)
+        calls.append((len(pairs), tokens, tokens > limit))
+        if tokens > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return [ids[:, -1:].repeat(1, 2) for ids, _ in pairs]
 
@@ -100,20 +101,25 @@ def _echo_last_token_decoder(limit: int, calls: list[tuple[int, int]], concurren
 
 
 @pytest.mark.parametrize("concurrent", [1, 3])
-def test_out_of_memory_retries_smaller_batches_with_the_same_result(concurrent, caplog):
-    encoded = [[1] * n + [100 + i] for i, n in enumerate([3, 9, 5, 12, 2, 7, 4, 4])]
-    calls: list[tuple[int, int]] = []
+def test_out_of_memory_steps_down_once_and_gives_the_same_result(concurrent, caplog):
+    # 24 prompts of 6-9 tokens in 6 batches of 4 rows; at most 20 padded tokens fit: two rows of up to 9.
+    encoded = [[1] * (5 + i % 4) + [100 + i] for i in range(24)]
+    calls: list[tuple[int, int, bool]] = []
     roomy = generate_token_ids(_echo_last_token_decoder(10**6, []), encoded, 0, [], 4, "cpu")
     with caplog.at_level("WARNING"):
-        tight = generate_token_ids(_echo_last_token_decoder(30, calls, concurrent), encoded, 0, [], 4, "cpu")
+        tight = generate_token_ids(_echo_last_token_decoder(20, calls, concurrent), encoded, 0, [], 4, "cpu")
     assert tight == roomy == [[100 + i, 100 + i] for i in range(len(encoded))]
-    assert max(tokens for _, tokens in calls) > 30 and "GPU out of memory" in caplog.text
-    if concurrent > 1:
-        assert "one at a time" in caplog.text
-    assert "in halves" in caplog.text
+    # Each step down is kept for the batches after it: one failed call per step, one warning each.
+    failed = [call for call in calls if call[2]]
+    assert len(failed) == (2 if concurrent > 1 else 1)
+    assert caplog.text.count("one batch at a time from here") == (1 if concurrent > 1 else 0)
+    assert caplog.text.count("at most 2 rows per batch from here") == 1
+    assert all(batches == 1 and tokens <= 20 for batches, tokens, _ in calls[len(failed):])
 
 
 def test_out_of_memory_on_a_single_prompt_is_a_user_error():
     with pytest.raises(UserError, match="one prompt of 13 tokens with max_new_tokens 8"):
         generate_token_ids(_echo_last_token_decoder(12, []), [[1] * 12 + [5], [2, 3]], 0, [], 4, "cpu",
                            new_tokens=8)
+    with pytest.raises(UserError, match=r"one prompt of 13 tokens: lower"):
+        generate_token_ids(_echo_last_token_decoder(12, []), [[1] * 12 + [5]], 0, [], 4, "cpu")

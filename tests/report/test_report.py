@@ -382,6 +382,7 @@ def test_resources_show_generation_speed_and_decoder(built: tuple[Path, dict[str
             if line.startswith("| ") and "14.4" in line}
     assert "static" in rows["QLoRA"] and "26 / 30" in rows["QLoRA"]
     assert "generate" in rows["Base"] and "| no" in rows["Base"]
+    assert rows["QLoRA"].rstrip().endswith("| no |")  # no out-of-memory retries recorded
 
 
 def test_generation_speed_without_training_and_with_odd_records(tmp_path: Path) -> None:
@@ -394,12 +395,14 @@ def test_generation_speed_without_training_and_with_odd_records(tmp_path: Path) 
     metrics_path = run_dir / "eval" / "qlora" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["generation"].update(decoder_kind=7, decoder={"graph_steps": 3, "decode_steps": 4,
-                                                          "cuda_graph_fallback": "RuntimeError: capture"})
+                                                          "cuda_graph_fallback": "RuntimeError: capture",
+                                                          "out_of_memory_step_downs": 2})
     metrics_path.write_text(json.dumps(metrics))
     build_report(run_dir)
     resources = _section((run_dir / "report.md").read_text(encoding="utf-8"), "Resources")
     assert "No training metrics found" in resources and "Graph replays / decoding steps" in resources
     assert "yes: RuntimeError: capture" in resources and "3 / 4" in resources
+    assert "2 step-downs, 0 eager batches" in resources
 
 
 def test_findings_mention_comparisons_with_p_values(built: tuple[Path, dict[str, Path]]) -> None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,26 +93,31 @@ def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[in
                        max_batch_tokens: int | None = None, new_tokens: int = 0) -> list[list[int]]:
     """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order.
 
-    Out of GPU memory, the batches in flight are retried one at a time, then halved by rows, down to one
-    row (then a UserError): a card smaller than the defaults assume still finishes, with a warning."""
+    Out of GPU memory, the rest of the run decodes one batch at a time, then with half the rows per batch,
+    down to one row (then a UserError); each step down is kept for the batches after it and said once,
+    so a card smaller than the defaults assume still finishes."""
     results: list[list[int]] = [[] for _ in encoded]
-    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size, max_batch_tokens, new_tokens)
+    pending = length_sorted_batches([len(ids) for ids in encoded], batch_size, max_batch_tokens, new_tokens)
     # A decoder with `decode_many` takes `concurrent` batches at a time (static_decode: parallel streams).
     decode_many = getattr(decode_batch, "decode_many", None)
-    wave = getattr(decode_batch, "concurrent", 1) if decode_many is not None else 1
+    limits = _Limits(wave=getattr(decode_batch, "concurrent", 1) if decode_many is not None else 1)
 
     def run(group: list[list[int]]) -> list[torch.Tensor]:
         pairs = [left_pad([encoded[i] for i in batch], pad_id, device) for batch in group]
         return decode_many(pairs) if decode_many is not None else [decode_batch(*pair) for pair in pairs]
 
-    pending = [batches[start:start + wave] for start in range(0, len(batches), wave)]
     with tqdm(total=len(encoded), desc=desc, unit="row", leave=False, disable=None) as progress:
         while pending:
-            group = pending.pop(0)
+            group = pending[:limits.wave]
             outs = _or_none_when_out_of_memory(run, group)
-            if outs is None:  # retried outside the except block, so the failed attempt's tensors are freed
-                pending[:0] = _smaller(group, encoded, new_tokens)
+            if outs is None:  # handled outside the except block, so the failed attempt's tensors are freed
+                limits.step_down(group, encoded, new_tokens)
+                stats = getattr(decode_batch, "stats", None)
+                if stats is not None:
+                    stats.out_of_memory_step_downs += 1
+                pending = [part for batch in pending for part in _at_most(batch, limits.rows)]
                 continue
+            del pending[:len(group)]
             for batch, out in zip(group, outs, strict=True):
                 for row, tokens in zip(batch, out.tolist(), strict=True):
                     results[row] = cut_at_stop(tokens, stops)
@@ -126,24 +132,38 @@ def _or_none_when_out_of_memory(run, group):
         return None
 
 
-def _smaller(group: list[list[int]], encoded: Sequence[Sequence[int]], new_tokens: int) -> list[list[list[int]]]:
-    """What to retry after running out of memory on `group`: its batches one at a time, or one batch's
-    rows in two halves; a single row that does not fit is the user's to fix."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if len(group) > 1:
-        log.warning("GPU out of memory decoding %d batches at once: retrying them one at a time (lower"
-                    " evaluate.concurrent_batches or evaluate.max_batch_tokens to avoid the retries)", len(group))
-        return [[batch] for batch in group]
-    (batch,) = group
-    if len(batch) == 1:
-        raise UserError(f"evaluation ran out of GPU memory on one prompt of {len(encoded[batch[0]])} tokens"
-                        f" with max_new_tokens {new_tokens}: lower evaluate.max_new_tokens or data.max_seq_length,"
-                        " or use a larger GPU")
-    half = (len(batch) + 1) // 2
-    log.warning("GPU out of memory decoding %d rows of up to %d tokens: retrying in halves (lower"
-                " evaluate.max_batch_tokens to avoid the retries)", len(batch), len(encoded[batch[0]]) + new_tokens)
-    return [[batch[:half]], [batch[half:]]]
+@dataclass
+class _Limits:
+    """How much one decode call may take after running out of memory: batches at once, rows per batch."""
+
+    wave: int
+    rows: int | None = None
+
+    def step_down(self, group: list[list[int]], encoded: Sequence[Sequence[int]], new_tokens: int) -> None:
+        if torch.cuda.is_available():  # let queued work finish before its memory is handed back
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            self.wave = 1
+            log.warning("GPU out of memory decoding %d batches at once: decoding one batch at a time from here"
+                        " (lower evaluate.concurrent_batches or evaluate.max_batch_tokens to avoid it)", len(group))
+            return
+        (batch,) = group
+        if len(batch) == 1:
+            with_new = f" with max_new_tokens {new_tokens}" if new_tokens else ""
+            raise UserError(f"evaluation ran out of GPU memory on one prompt of {len(encoded[batch[0]])} tokens"
+                            f"{with_new}: lower evaluate.max_new_tokens or data.max_seq_length, or use a larger GPU")
+        self.rows = (len(batch) + 1) // 2
+        log.warning("GPU out of memory decoding %d rows of up to %d tokens: at most %d rows per batch from here"
+                    " (lower evaluate.max_batch_tokens to avoid it)", len(batch), len(encoded[batch[0]]) + new_tokens,
+                    self.rows)
+
+
+def _at_most(batch: list[int], rows: int | None) -> list[list[int]]:
+    if rows is None or len(batch) <= rows:
+        return [batch]
+    return [batch[start:start + rows] for start in range(0, len(batch), rows)]
 
 
 def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,

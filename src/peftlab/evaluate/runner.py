@@ -89,7 +89,9 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     tokens = sum(count for _, count in outputs)
     speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
              "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size,
-             "max_batch_tokens": config.evaluate.max_batch_tokens, "decoder_kind": config.evaluate.decoder}
+             "max_batch_tokens": config.evaluate.max_batch_tokens, "decoder_kind": config.evaluate.decoder,
+             "concurrent_batches": config.evaluate.concurrent_batches,
+             "prefill_chunk_tokens": config.evaluate.prefill_chunk_tokens}
     if hasattr(decode, "stats"):
         speed["decoder"] = decode.stats.as_dict()
     return outputs, speed
@@ -105,7 +107,7 @@ def _ensemble_decoder(config: StudyConfig, models, alpha: float, tokenizer, stop
     ev = config.evaluate
     if ev.decoder == "static":
         return static_mixed_greedy(models, [alpha, 1 - alpha], tokenizer, ev.max_new_tokens,
-                                   concurrent=ev.concurrent_batches)
+                                   concurrent=ev.concurrent_batches, prefill_chunk_tokens=ev.prefill_chunk_tokens)
     return mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id, ev.max_new_tokens)
 
 
@@ -163,7 +165,8 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
         model = load_eval_model(config, run_dir, name, device)
         decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens,
                                 concurrent=config.evaluate.concurrent_batches,
-                                torch_compile=config.evaluate.torch_compile)
+                                torch_compile=config.evaluate.torch_compile,
+                                prefill_chunk_tokens=config.evaluate.prefill_chunk_tokens)
                   if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
     rank, world = _rank_world()

@@ -49,11 +49,14 @@ class DecodeStats:
     prefill_seconds: float = 0.0
     fallback: list[str] = field(default_factory=list)
     compiled_layers: int = 0
+    capture_out_of_memory: int = 0  # batches decoded eagerly because their capture ran out of memory
+    out_of_memory_step_downs: int = 0  # the evaluator's retries with fewer batches or rows (generate.py)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"batches": self.batches, "decode_steps": self.steps, "graph_steps": self.graph_steps,
                "capture_seconds": self.capture_seconds, "prefill_seconds": self.prefill_seconds,
-               "cuda_graph_fallback": self.fallback[:3]}
+               "cuda_graph_fallback": self.fallback[:3], "capture_out_of_memory": self.capture_out_of_memory,
+               "out_of_memory_step_downs": self.out_of_memory_step_downs}
         if self.compiled_layers:
             from peftlab.compiling import compile_stats
 
@@ -201,6 +204,7 @@ class _Batch:
     graph: Any = None
     stream: Any = None
     done: int = 1
+    eager: bool = False  # its capture ran out of memory
 
 
 def static_greedy(model, tokenizer, max_new_tokens: int, *, cuda_graph: bool = True, concurrent: int = 1,
@@ -290,7 +294,7 @@ def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: boo
             with torch.cuda.stream(batch.stream):
                 batch.graph.replay()
             stats.graph_steps += 1
-        elif cuda_graph and worth_capturing and batch.buffers.ids.is_cuda and not stats.fallback:
+        elif cuda_graph and worth_capturing and batch.buffers.ids.is_cuda and not stats.fallback and not batch.eager:
             # The warm-up before a capture runs on a side stream (torch.cuda.graph's rule) and is a real step.
             batch.stream = torch.cuda.Stream()
             batch.stream.wait_stream(torch.cuda.current_stream())
@@ -299,6 +303,7 @@ def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: boo
             torch.cuda.current_stream().wait_stream(batch.stream)
             with _decode_attention_for(members):
                 batch.graph = _try_capture(members, batch.caches, batch.buffers, mix, batch.stream, stats)
+            batch.eager = batch.graph is None
             batch.stream.wait_stream(torch.cuda.current_stream())
         else:
             with _decode_attention_for(members):
@@ -349,8 +354,13 @@ def _try_capture(members: list[_Member], caches: list[dict[str, Any]], buffers: 
     except Exception as exc:  # capture is an optimisation: any failure falls back to the eager step
         torch.cuda.set_stream(current)  # a failed capture can leave torch.cuda.graph's stream current
         torch.cuda.synchronize()
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise  # the evaluator retries smaller batches; eager decoding would not fit either
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc.__context__, torch.cuda.OutOfMemoryError):
+            # A capture allocates from a pool of its own; the eager step that just ran fit, so only this
+            # batch decodes eagerly (slower) and later batches still try to capture.
+            stats.capture_out_of_memory += 1
+            log.warning("out of GPU memory capturing a decoding step: this batch decodes eagerly (slower; lower"
+                        " evaluate.max_batch_tokens or evaluate.concurrent_batches to avoid it)")
+            return None
         stats.fallback.append(f"{type(exc).__name__}: {str(exc)[:200]}")
         log.warning("CUDA graph capture failed, decoding eagerly from here (much slower): %s", stats.fallback[-1])
         return None

@@ -244,14 +244,24 @@ def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
             fmt.integer(generation.get("batch_size")),
             graphs,
             "yes: " + fmt.truncate(fallback[0], 60) if fallback else "no",
+            _memory_retries(decoder),
         ])
     if not rows:
         return None
     headers = ["Model", "Decoder", "Generated tokens", "Time", "Tokens/s", "Rows per batch",
-               "Graph replays / decoding steps", "Fell back to eager"]
+               "Graph replays / decoding steps", "Fell back to eager", "Out of GPU memory"]
     notes = ["Greedy decoding of the test split. static: static KV cache, each step after a batch's first one "
-             "CUDA graph replay on a GPU (eager on a CPU); generate: plain model.generate."]
-    return Table(headers, rows, "llrrrrrl", notes=notes)
+             "CUDA graph replay on a GPU (eager on a CPU); generate: plain model.generate. Out of GPU memory: "
+             "times decoding stepped down to fewer batches or rows, and batches decoded eagerly because their "
+             "capture did not fit (lower evaluate.max_batch_tokens or concurrent_batches to avoid both)."]
+    return Table(headers, rows, "llrrrrrll", notes=notes)
+
+
+def _memory_retries(decoder: dict[str, Any]) -> str:
+    step_downs, eager = decoder.get("out_of_memory_step_downs"), decoder.get("capture_out_of_memory")
+    if not step_downs and not eager:
+        return "no" if decoder else fmt.MISSING
+    return f"{fmt.integer(step_downs or 0)} step-downs, {fmt.integer(eager or 0)} eager batches"
 
 
 def _stage_table(method: str, stages: list[dict[str, Any]]) -> Table:
