@@ -457,3 +457,40 @@ def test_drop_tied_head_removes_the_second_copy_from_one_file_or_shards(tmp_path
     assert list(load_file(str(sharded / "model-00002-of-00002.safetensors"))) == ["x"]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" not in index["weight_map"] and len(index["weight_map"]) == 2
+
+
+def test_fused_vocabulary_loss_gives_the_checkpointed_chunks_gradients(smoke, tmp_path, monkeypatch):
+    """Full fine-tuning trains the tied embedding: the loss that adds its gradient in place
+    (`train/vocab_loss.py`) gives the same loss and gradients as the recomputed chunks."""
+    from transformers import TrainingArguments
+
+    from peftlab.models import load_model
+    from peftlab.train import vocab_loss
+
+    config, run_dir = smoke
+    model = load_model(config.model, device="cpu", dtype=torch.float32, seed=0)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    rows = TokenizedRows(read_split(run_dir, "train")[:4], "assistant")
+    batch = PadCollator(0)([rows[i] for i in range(4)])
+    trainer = TargetTokenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                     report_to=[]))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.loss_chunk_tokens = 7
+    used = []
+    real = vocab_loss.summed_cross_entropy
+    monkeypatch.setattr(vocab_loss, "summed_cross_entropy", lambda *args: used.append(1) or real(*args))
+
+    def step(fused: bool):
+        monkeypatch.setattr(vocab_loss, "applies", lambda head, embeddings: fused)
+        model.zero_grad()
+        for _ in range(2):  # two micro-batches: the gradient accumulates
+            loss = trainer.training_step(model, dict(batch), None)
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain_loss, plain_grads = step(False)
+    assert not used
+    fused_loss, fused_grads = step(True)
+    assert used and fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert len(fused_grads) == len(plain_grads)
+    for ours, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)  # fp32 summation order only

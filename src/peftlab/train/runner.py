@@ -29,6 +29,7 @@ from peftlab.errors import UserError
 from peftlab.methods import BuildContext, Recipe, build
 from peftlab.models import base_model, count_parameters, device_name, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, package_versions, read_json, write_json
+from peftlab.train import vocab_loss
 from peftlab.train.batches import PadCollator, TokenizedRows
 from peftlab.train.meter import StepTimes, measure
 
@@ -55,14 +56,18 @@ def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, 
 
 
 def target_token_mean(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, count, scale: int | None,
-                      chunk: int) -> torch.Tensor:
+                      chunk: int, sharded: bool = False) -> torch.Tensor:
     """The loss `compute_loss` returns, from the decoder's final hidden states: cross-entropy summed
-    over the target tokens (labels shifted by one, -100 ignored), divided by `count`, times `scale`."""
+    over the target tokens (labels shifted by one, -100 ignored), divided by `count`, times `scale`.
+    A trained tied output projection gets its gradient added in place (`vocab_loss`), except when FSDP
+    (`sharded`) owns the gradients."""
     targets = labels[:, 1:]
     keep = targets != -100
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    loss = target_token_loss_sum(hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings(), softcap,
-                                 chunk)
+    lm_head = causal_lm.get_output_embeddings()
+    fused = not sharded and vocab_loss.applies(lm_head, causal_lm.get_input_embeddings())
+    summed = vocab_loss.summed_cross_entropy if fused else target_token_loss_sum
+    loss = summed(hidden[:, :-1][keep], targets[keep], lm_head, softcap, chunk)
     loss = loss / count
     if scale is not None:
         loss = loss * scale
@@ -103,7 +108,7 @@ def enable_target_token_forward(causal_lm) -> None:
         hidden = causal_lm.get_decoder()(input_ids=kwargs["input_ids"],
                                           attention_mask=kwargs["attention_mask"]).last_hidden_state
         loss = target_token_mean(causal_lm, hidden, target_tokens.labels, target_tokens.count, target_tokens.scale,
-                                 target_tokens.chunk)
+                                 target_tokens.chunk, sharded=True)
         target_tokens.value = loss.detach()
         return CausalLMOutputWithPast(loss=loss)
 

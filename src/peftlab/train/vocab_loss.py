@@ -1,0 +1,77 @@
+"""The vocabulary cross-entropy for a trained, tied output projection, with its weight gradient added
+in place.
+
+`runner.target_token_loss_sum` recomputes the logits chunk by chunk in backward; when the output
+projection trains (GaLore, full fine-tuning: Gemma 3 ties it to the 262k x 1152 input embedding),
+autograd then holds, besides `weight.grad`, a gradient buffer of the whole weight and each chunk's
+full-size weight gradient before adding it: two extra weight-sized tensors at the loss's backward
+(2 x 0.56 GiB for Gemma 3 in bf16). Here backward adds every chunk's share straight into
+`weight.grad` (`addmm_`), as Megatron-LM's gradient-accumulation fusion does; no library offers it
+for this loss with Gemma's soft-capping, so it is written here.
+
+Only for a single process and a weight that the input embedding shares: the embedding lookup's
+gradient then still reaches the parameter through autograd, so hooks on it (layer-wise optimizers)
+run once the whole gradient is in place. Under DDP / FSDP the reducers own `.grad`: not used there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `targets` under logits `hidden @ weight.T` (soft-capped), `chunk` rows at
+    a time in forward and in backward; backward returns the hidden states' gradient and adds the
+    weight's into `weight.grad` itself (returning none for it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _capped(F.linear(hidden[start:start + chunk], weight).float(), softcap)[0]
+            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+        ctx.save_for_backward(hidden, targets)
+        ctx.weight, ctx.softcap, ctx.chunk = weight, softcap, chunk  # the parameter itself: its .grad is written
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, targets = ctx.saved_tensors
+        weight = ctx.weight
+        grad_hidden = torch.empty_like(hidden)
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, y = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            logits, tanh = _capped(F.linear(h, weight).float(), ctx.softcap)
+            grad_logits = torch.softmax(logits, dim=-1)
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
+            if tanh is not None:
+                grad_logits *= 1 - tanh * tanh
+            grad_logits = (grad_logits * grad_total).to(weight.dtype)
+            grad_hidden[start:start + ctx.chunk] = grad_logits @ weight
+            weight.grad.addmm_(grad_logits.t(), h)
+        return grad_hidden, None, None, None, None
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not softcap:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return tanh * softcap, tanh
+
+
+def applies(lm_head, input_embeddings) -> bool:
+    """Whether `summed_cross_entropy` may serve this output projection (see the module docstring)."""
+    weight = getattr(lm_head, "weight", None)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    return (isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and weight is not None
+            and weight.requires_grad and torch.is_grad_enabled() and not distributed
+            and getattr(input_embeddings, "weight", None) is weight)
+
+
+def summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None,
+                         chunk: int) -> torch.Tensor:
+    return _ChunkedCrossEntropy.apply(hidden, lm_head.weight, targets, softcap, chunk)
