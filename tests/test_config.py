@@ -34,7 +34,7 @@ def test_seed_config_is_the_study():
     qlora, galore = config.method("qlora"), config.method("galore")
     assert (qlora.lr, qlora.max_grad_norm, qlora.optimizer, qlora.epochs) == (2e-4, 0.3, "paged_adamw_8bit", 3)
     assert (qlora.lora.r, qlora.lora.alpha, qlora.lora.dropout) == (16, 32, 0.05)
-    assert qlora.quant.compute_dtype == "float16" and qlora.quant.double_quant
+    assert qlora.quant.compute_dtype == "bfloat16" and qlora.quant.double_quant  # the report's BF16, not its code's fp16
     assert (galore.lr, galore.max_grad_norm, galore.galore.rank, galore.galore.update_proj_gap) == (1e-4, 1.0, 128, 200)
     assert galore.galore.targets == ["attn", "mlp"] and galore.galore.scale == 0.25
     for method in (qlora, galore):

@@ -85,7 +85,9 @@ class LoraSettings:
 class QuantSettings:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # The report states bf16 precision; its code set fp16, which under a bf16 model makes bitsandbytes copy
+    # every layer input to fp16 and back (+35 MiB at the 2048-token peak on the H200; same loss curve).
+    compute_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
 
 
 @dataclass

@@ -15,8 +15,8 @@ from peftlab.models import load_model
 def quantization_config(ctx: BuildContext) -> tuple[BitsAndBytesConfig, torch.dtype]:
     quant = ctx.method.quant
     compute = getattr(torch, quant.compute_dtype)
-    if ctx.device == "cpu" and compute == torch.float16:
-        compute = torch.float32  # fp16 matmuls are not a CPU path; the config's value applies on GPU
+    if ctx.device == "cpu" and compute != torch.float32:
+        compute = ctx.dtype  # half-precision matmuls are not a CPU path; the config's value applies on GPU
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
