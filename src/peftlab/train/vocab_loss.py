@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -36,6 +37,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total):
         hidden, targets = ctx.saved_tensors
         weight = ctx.weight
@@ -44,14 +46,22 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             weight.grad = torch.zeros_like(weight)
         for start in range(0, hidden.shape[0], ctx.chunk):
             h, y = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            logits, tanh = _capped(F.linear(h, weight).float(), ctx.softcap)
-            grad_logits = torch.softmax(logits, dim=-1)
-            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
+            # In place wherever possible: at most two fp32 (chunk x vocabulary) tensors at once.
+            grad_logits = F.linear(h, weight).float()
+            tanh = None
+            if ctx.softcap:
+                tanh = grad_logits.div_(ctx.softcap).tanh_()
+                grad_logits = torch.softmax(tanh * ctx.softcap, dim=-1)
+            else:
+                grad_logits = torch.softmax(grad_logits, dim=-1)
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1  # softmax - one-hot
             if tanh is not None:
-                grad_logits *= 1 - tanh * tanh
-            grad_logits = (grad_logits * grad_total).to(weight.dtype)
+                grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1))  # the soft-cap's derivative, 1 - tanh^2
+                del tanh
+            grad_logits = grad_logits.mul_(grad_total).to(weight.dtype)
             grad_hidden[start:start + ctx.chunk] = grad_logits @ weight
             weight.grad.addmm_(grad_logits.t(), h)
+            del grad_logits
         return grad_hidden, None, None, None, None
 
 
@@ -67,8 +77,12 @@ def applies(lm_head, input_embeddings) -> bool:
     weight = getattr(lm_head, "weight", None)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
+    # Under autocast the checkpointed chunks replay its casts, this backward would not; a gradient dtype
+    # other than the weight's would not take `addmm_` into a weight-dtype chunk.
     return (isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and weight is not None
             and weight.requires_grad and torch.is_grad_enabled() and not distributed
+            and not torch.is_autocast_enabled(weight.device.type)
+            and getattr(weight, "grad_dtype", None) in (None, weight.dtype)
             and getattr(input_embeddings, "weight", None) is weight)
 
 
