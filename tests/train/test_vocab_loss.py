@@ -26,7 +26,7 @@ def _loss_and_grads(summed, embed, head, ids, targets, softcap, chunk, earlier_g
     return loss.detach(), hidden.grad.clone(), embed.weight.grad.clone()
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("softcap", [None, 2.0, 0.5])
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 def test_same_loss_and_gradients_as_the_checkpointed_chunks(softcap, chunk):
     embed, head = _tied()
@@ -47,7 +47,20 @@ def test_only_for_a_trained_tied_projection_without_bias():
     assert not vocab_loss.applies(head, torch.nn.Embedding(50, 8))  # untied
     with torch.no_grad():
         assert not vocab_loss.applies(head, embed)  # no backward to save memory in
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not vocab_loss.applies(head, embed)  # its backward would not replay autocast's casts
     embed.weight.requires_grad_(False)
     assert not vocab_loss.applies(head, embed)  # frozen (LoRA, QLoRA): the checkpointed chunks serve
     biased = torch.nn.Linear(8, 50)
     assert not vocab_loss.applies(biased, biased)
+
+
+def test_bf16_matches_the_checkpointed_chunks_when_nothing_accumulated():
+    embed, head = _tied(vocab=300, width=16)
+    embed.to(torch.bfloat16)
+    ids, targets = torch.randint(0, 300, (21,)), torch.randint(0, 300, (21,))
+    plain = _loss_and_grads(target_token_loss_sum, embed, head, ids, targets, 3.0, 8)
+    fused = _loss_and_grads(vocab_loss.summed_cross_entropy, embed, head, ids, targets, 3.0, 8)
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    torch.testing.assert_close(fused[2].float(), plain[2].float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
