@@ -494,3 +494,16 @@ def test_fused_vocabulary_loss_gives_the_checkpointed_chunks_gradients(smoke, tm
     assert len(fused_grads) == len(plain_grads)
     for ours, expected in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)  # fp32 summation order only
+
+
+@pytest.mark.parametrize(("kind", "fused"), [("galore", True), ("lora", False)])
+def test_training_takes_the_fused_loss_only_when_the_tied_embedding_trains(smoke, tmp_path, monkeypatch, kind, fused):
+    from peftlab.train import vocab_loss
+
+    used = []
+    real = vocab_loss.summed_cross_entropy
+    monkeypatch.setattr(vocab_loss, "summed_cross_entropy", lambda *args: used.append(1) or real(*args))
+    config, run_dir = smoke
+    base = "galore" if kind == "galore" else "qlora"
+    train_method(config, run_dir, kind, method=_method(config, base, kind=kind, max_steps=1), out=tmp_path / kind)
+    assert bool(used) is fused
