@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
 
@@ -182,15 +181,12 @@ def main() -> int:
                         help="instead of the time profile: record the allocator's history over --steps steps and"
                              " list the code holding memory at the peak")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a method setting over the profile's (dotted, YAML value), e.g. quant.compute_dtype=bfloat16;"
+                        help="a method setting over the profile's (as `peftlab --set`), e.g. quant.compute_dtype=bfloat16;"
                              " repeatable, applies to every run")
     parser.add_argument("--phases", action="store_true",
                         help="instead: the peak allocated memory per span of each step (layers, loss, optimizer)")
     args = parser.parse_args()
-    try:
-        args.overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-    except (ValueError, yaml.YAMLError):
-        parser.error(f"--set takes KEY=VALUE with a YAML value, got {args.set}")
+    args.overrides = list(args.set)
     if args.memory and args.phases:
         parser.error("--memory and --phases: one at a time")
     memory_mode = args.memory or args.phases

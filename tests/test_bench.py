@@ -8,6 +8,7 @@ import pytest
 
 from peftlab.bench import flops_per_token, format_table
 from peftlab.cli import main
+from peftlab.errors import UserError
 
 
 def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
@@ -149,9 +150,11 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
     assert (fast_len, low_len) == (1024, 2048)
     assert fast.quant.compute_dtype == low.quant.compute_dtype == "bfloat16"  # no fp16 copies of layer inputs
     overridden = workload_config(BenchSpec("qlora", "lowmem", sources=default_sources(None),
-                                           overrides={"quant.compute_dtype": "float16", "lora.dropout": 0.0}))
+                                           overrides=["quant.compute_dtype=float16", "lora.dropout=0.0"]))
     assert overridden.methods["qlora"].quant.compute_dtype == "float16"
     assert overridden.methods["qlora"].lora.dropout == 0.0 and low.lora.dropout == 0.05
+    with pytest.raises(UserError, match="'lr' is not a section"):
+        workload_config(BenchSpec("qlora", "lowmem", sources=default_sources(None), overrides=["lr.x=1"]))
     assert not fast.gradient_checkpointing and low.gradient_checkpointing
     assert low.loss_chunk_tokens < fast.loss_chunk_tokens
     assert low.micro_batch_tokens == low_len and fast.micro_batch_tokens is None  # one full row's memory

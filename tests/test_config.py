@@ -119,6 +119,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     ("evaluate.bootstrap_samples=0", "bootstrap_samples must be at least 1"),
     ("evaluate.ensemble.validation_limit=0", "validation_limit must be at least 1"),
     ("evaluate.prefill_chunk_tokens=0", "prefill_chunk_tokens must be at least 1"),
+    ("methods.qlora.lr.x=1", "'methods.qlora.lr' is not a section"),
     ("evaluate.concurrent_batches=0", "concurrent_batches must be at least 1"),
     ("methods.hybrid.stages.0.max_steps=0", "max_steps >= 1"),
 ])

@@ -75,8 +75,8 @@ class BenchSpec:
     max_seq_length: int = 1024
     max_steps: int = -1
     work_dir: str = ""
-    # Dotted method settings over the profile's, e.g. {"quant.compute_dtype": "bfloat16"} (A/B runs).
-    overrides: dict[str, Any] = field(default_factory=dict)
+    # Method settings over the profile's, `--set` style, e.g. ["quant.compute_dtype=bfloat16"] (A/B runs).
+    overrides: list[str] = field(default_factory=list)
 
 
 def default_sources(data_dir: str | None) -> list[dict[str, str]]:
@@ -93,7 +93,7 @@ def default_sources(data_dir: str | None) -> list[dict[str, str]]:
 
 def workload_config(spec: BenchSpec):
     """The workload as a study config: one method, the profile's batch settings."""
-    from peftlab.config import config_from_dict
+    from peftlab.config import apply_override, config_from_dict
 
     profile = dict(PROFILES.get(spec.profile, {}))
     max_len = profile.pop("max_seq_length", spec.max_seq_length)
@@ -106,14 +106,8 @@ def workload_config(spec: BenchSpec):
                             "targets": ["attn", "mlp"]}
     for key, value in METHOD_PROFILE.get((spec.method, spec.profile), {}).items():
         method[key] = {**method.get(key, {}), **value}
-    for dotted, value in spec.overrides.items():
-        *parents, leaf = dotted.split(".")
-        target = method
-        for name in parents:
-            target = target.setdefault(name, {})
-            if not isinstance(target, dict):
-                raise UserError(f"override {dotted}: '{name}' is a setting, not a section")
-        target[leaf] = value
+    for item in spec.overrides:
+        apply_override(method, item)
     rows = spec.rows_per_source
     raw = {
         "name": "bench",

@@ -291,8 +291,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if isinstance(node, list):
         index = _list_index(node, last, key, item)
         node[index] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise UserError(f"--set {item}: '{'.'.join(parts[:-1])}' is not a section")
 
 
 def _descend(node: Any, part: str, where: str, item: str) -> Any:
