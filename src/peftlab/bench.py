@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,9 @@ PROFILES = {
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
-# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits; QLoRA computes
-# its 4-bit matmuls in bf16 (the model's dtype: no fp16 copy of every layer input and output).
-METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}},
-                  ("qlora", "fast"): {"quant": {"compute_dtype": "bfloat16"}},
-                  ("qlora", "lowmem"): {"quant": {"compute_dtype": "bfloat16"}}}
-METHOD_PROFILE[("qlora", "fast-liger")] = METHOD_PROFILE[("qlora", "fast")]
-METHOD_PROFILE[("qlora", "fast-compile")] = METHOD_PROFILE[("qlora", "fast")]
+# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits. (QLoRA's 4-bit
+# matmuls compute in bf16 in every profile: `quant.compute_dtype`'s default.)
+METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}}}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
@@ -347,8 +343,8 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
         report["kept_runs"] = [[r["method"], r["profile"]] for r in done]
     for index, (method, profile) in enumerate(plan, start=1):
         kept = [r for r in done if r["method"] == method and r["profile"] == profile]
-        settings = run_settings(BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps))
-        if kept and kept[0].get("settings") == settings:
+        spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps)
+        if kept and kept[0].get("settings") == run_settings(spec):
             print(f"[{index}/{len(plan)}] {method} / {profile}: kept from {out}", file=sys.stderr, flush=True)
             continue
         if kept:
@@ -358,7 +354,7 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
             report["kept_runs"].remove([method, profile])
         print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
-            spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps, work)
+            spec = replace(spec, work_dir=work)
             result = _run_worker(spec, Path(work))
         row = bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile, **result}
         report["runs"] = plan_order([*report["runs"], row], plan)

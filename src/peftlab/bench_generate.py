@@ -215,19 +215,17 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
         variants.append(("ours-static", batch,
                          lambda: ours_generate(model, tok, encoded, max_new_tokens, batch, device, True)))
     extra_stats = {}
+
+    def add_ours(name: str, budget: int | None, streams: int, rows: int, chunk: int | None = None) -> None:
+        run_stats = extra_stats[name] = (budget, streams, DecodeStats())
+        variants.append((name, rows, lambda: ours_decode(model, tok, encoded, max_new_tokens, rows, device, budget,
+                                                          run_stats[2], streams, prefill_chunk_tokens=chunk)))
+
     for budget, streams, *cap in extra:
         rows = cap[0] if cap else batch
-        name = f"ours-t{budget}-c{streams}" + (f"-r{rows}" if rows != batch else "")
-        extra_stats[name] = (budget, streams, DecodeStats())
-        variants.append((name, rows,
-                         lambda budget=budget, streams=streams, rows=rows, run_stats=extra_stats[name][2]: ours_decode(
-                             model, tok, encoded, max_new_tokens, rows, device, budget, run_stats, streams)))
+        add_ours(f"ours-t{budget}-c{streams}" + (f"-r{rows}" if rows != batch else ""), budget, streams, rows)
     if prefill_chunk_tokens:
-        name = f"ours-p{prefill_chunk_tokens}"
-        extra_stats[name] = (max_batch_tokens, concurrent, DecodeStats())
-        variants.append((name, batch, lambda run_stats=extra_stats[name][2]: ours_decode(
-            model, tok, encoded, max_new_tokens, batch, device, max_batch_tokens, run_stats, concurrent,
-            prefill_chunk_tokens=prefill_chunk_tokens)))
+        add_ours(f"ours-p{prefill_chunk_tokens}", max_batch_tokens, concurrent, batch, prefill_chunk_tokens)
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
 
