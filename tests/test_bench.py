@@ -158,7 +158,9 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
     assert not fast.gradient_checkpointing and low.gradient_checkpointing
     assert low.loss_chunk_tokens < fast.loss_chunk_tokens
     assert low.micro_batch_tokens == low_len and fast.micro_batch_tokens is None  # one full row's memory
-    assert method("galore", "lowmem")[0].galore.variant == "adamw8bit"
+    lowmem_galore = method("galore", "lowmem")[0].galore
+    assert lowmem_galore.variant == "adamw8bit" and lowmem_galore.accumulate == "projected"
+    assert "embed_tokens" in lowmem_galore.targets
     assert method("galore", "fast")[0].galore.variant == "adamw"
     liger = workload_config(BenchSpec("lora", "fast-liger", sources=default_sources(None)))
     plain = workload_config(BenchSpec("lora", "fast", sources=default_sources(None)))

@@ -73,6 +73,9 @@ def _raw(**changes):
     ({"methods.lora.lora.rr": "4"}, "unknown key 'methods.lora.lora.rr' (did you mean 'r'?)"),
     ({"data.train_buffer": "1"}, "data.train_buffer (1) must be at least"),
     ({"evaluate.models": "[qlora]"}, "evaluate.models: unknown model 'qlora'"),
+    ({"methods.lora.galore.accumulate": "projectd"}, "methods.lora.galore.accumulate: 'projectd' is not one of"),
+    ({"methods.lora.galore.accumulate": "projected", "methods.lora.galore.variant": "layerwise"},
+     "galore.accumulate: projected works with variant adamw or adamw8bit"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as error:

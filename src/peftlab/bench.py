@@ -12,7 +12,8 @@ Profiles of ours (all with the study's hyperparameters and effective batch):
 - `fast-compile`: `fast` with every decoder layer compiled (`torch_compile`; the first steps compile).
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
   micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
-  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states.
+  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states,
+  gradients summed at rank r (`galore.accumulate: projected`) and the tied embedding projected too.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe exactly as BASELINE.md describes.
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -51,9 +52,12 @@ PROFILES = {
 }
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
-# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits. (QLoRA's 4-bit
-# matmuls compute in bf16 in every profile: `quant.compute_dtype`'s default.)
-METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit"}}}
+# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
+# rank r (no full gradient set), and projects the tied embedding too, as the reference recipe does (its
+# full-rank Adam states alone would be 0.56 GiB). (QLoRA's 4-bit matmuls compute in bf16 in every
+# profile: `quant.compute_dtype`'s default.)
+METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit", "accumulate": "projected",
+                                                    "targets": ["attn", "mlp", "embed_tokens"]}}}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.

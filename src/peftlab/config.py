@@ -99,6 +99,9 @@ class GaloreSettings:
     # Substrings of module names whose 2-D weights get low-rank projected gradients.
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     variant: Literal["adamw", "adamw8bit", "layerwise"] = "adamw"
+    # `projected`: each gradient is projected as backward makes it and summed at rank r, so no full
+    # gradient set is held (methods/galore_projected.py); `full`: galore-torch's accumulation.
+    accumulate: Literal["full", "projected"] = "full"
 
 
 @dataclass
@@ -458,6 +461,10 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         raise UserError(f"{where}.lora.target_modules: name at least one module, e.g. q_proj")
     if not method.galore.targets:
         raise UserError(f"{where}.galore.targets: name at least one module-name substring, e.g. attn")
+    if method.galore.accumulate == "projected" and (method.galore.variant == "layerwise"
+                                                    or method.galore.proj_type != "std"):
+        raise UserError(f"{where}.galore.accumulate: projected works with variant adamw or adamw8bit and"
+                        " proj_type std")
     _validate_optimizer(method.optimizer, f"{where}.optimizer")
     if method.lr <= 0:
         raise UserError(f"{where}.lr must be positive, got {method.lr}")

@@ -189,6 +189,44 @@ def test_galore_variants_train(smoke, tmp_path, variant):
     assert metrics["optimizer_steps"] == 2 and all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
 
 
+def _projected(method, **galore_changes):
+    targets = ["attn", "mlp", "embed_tokens"]  # the embedding too: its gradient takes the routed path
+    return replace(method, galore=replace(method.galore, accumulate="projected", targets=targets, **galore_changes))
+
+
+def test_projected_galore_trains_as_galore_torch_on_summed_gradients(smoke, tmp_path, monkeypatch):
+    """Token-budget micro-batches and Trainer accumulation, projections recomputed twice: the same losses as
+    galore-torch summing full gradients (clipping off: ours clips the projected gradients' norm)."""
+    from peftlab.train import vocab_loss
+
+    routed: list[int] = []
+    real = vocab_loss._backward_by_vocabulary_rows
+    monkeypatch.setattr(vocab_loss, "_backward_by_vocabulary_rows", lambda *a: routed.append(1) or real(*a))
+    config, run_dir = smoke
+    method = _method(config, "galore", max_steps=5, batch_size=4, grad_accum=2, micro_batch_tokens=48,
+                     max_grad_norm=0.0)
+    method = replace(method, galore=replace(method.galore, update_proj_gap=2, targets=["attn", "mlp", "embed_tokens"]))
+    plain = train_method(config, run_dir, "galore", method=method, out=tmp_path / "full")
+    ours = train_method(config, run_dir, "galore", method=_projected(method), out=tmp_path / "projected")
+    assert ours["optimizer"] == "galore_adamw_projected" and plain["optimizer"] == "galore_adamw"
+    assert [p["loss"] for p in ours["loss_curve"]] == pytest.approx([p["loss"] for p in plain["loss_curve"]], rel=1e-4)
+    assert len({round(p["loss"], 4) for p in ours["loss_curve"]}) > 1
+    assert len(routed) >= 10  # the vocabulary loss handed the embedding's gradient over by rows (5 steps x 2+)
+
+
+def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_path):
+    config, run_dir = smoke
+    method = _projected(_method(config, "galore", max_steps=5, save_steps=3, grad_accum=2),
+                        update_proj_gap=2)
+    whole = train_method(config, run_dir, "galore", method=method, out=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train_method(config, run_dir, "galore", method=method, out=tmp_path / "cut", stop_after=3)
+    resumed = train_method(config, run_dir, "galore", method=method, out=tmp_path / "cut", resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert [p["loss"] for p in resumed["loss_curve"]] == pytest.approx([p["loss"] for p in whole["loss_curve"]],
+                                                                       rel=1e-5, abs=1e-6)
+
+
 def test_layerwise_galore_refuses_gradient_accumulation(smoke, tmp_path):
     from peftlab.errors import UserError
 

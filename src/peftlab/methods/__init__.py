@@ -34,6 +34,8 @@ class Recipe:
     optim: str = "adamw_torch"
     saves: str = "full"  # "adapter" (PEFT adapters) or "full" (all weights)
     notes: dict[str, Any] = field(default_factory=dict)
+    # The optimizer applies `max_grad_norm` itself (its gradients are not all in `.grad`).
+    clips_gradients: bool = False
 
 
 def build(kind: str) -> Callable[[BuildContext], Recipe]:

@@ -1,7 +1,8 @@
 """GaLore: all weights train; the gradients of the targeted 2-D projections (default: attention and
 MLP) are projected to rank r before the Adam update (galore-torch's GaLoreAdamW), every other
 parameter gets plain AdamW. Variants: `adamw`, `adamw8bit`, and `layerwise` (the update runs
-inside backward, one parameter at a time, so no full gradient set is ever held)."""
+inside backward, one parameter at a time, so no full gradient set is ever held); `accumulate:
+projected` sums micro-batches' gradients at rank r instead of at full size (`galore_projected`)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,32 @@ from peftlab.models import load_model
 
 
 def target_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
-    """Weights of nn.Linear modules whose qualified name contains one of `targets`."""
-    names = [
-        f"{module_name}.weight"
+    """Weights of nn.Linear / nn.Embedding modules whose qualified name contains one of `targets`,
+    each named as `named_parameters` names it (a tied output projection is its embedding)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = dict.fromkeys(
+        names[id(module.weight)]
         for module_name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(t in module_name for t in targets)
-    ]
-    if not names:
-        raise UserError(f"galore.targets {targets}: no linear layer of the model matches")
-    return names
+        if isinstance(module, nn.Linear | nn.Embedding) and any(t in module_name for t in targets)
+        and id(module.weight) in names
+    )
+    if not chosen:
+        raise UserError(f"galore.targets {targets}: no linear or embedding layer of the model matches")
+    return list(chosen)
+
+
+def split_parameters(model: nn.Module, ctx: BuildContext) -> tuple[list, list, list]:
+    """Trained parameters: projected (GaLore targets), other matrices (weight decay), the rest (none)."""
+    targets = set(target_parameter_names(model, ctx.method.galore.targets))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return ([p for n, p in trained if n in targets],
+            [p for n, p in trained if n not in targets and p.dim() >= 2],
+            [p for n, p in trained if n not in targets and p.dim() < 2])
 
 
 def param_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:
     settings = ctx.method.galore
-    targets = set(target_parameter_names(model, settings.targets))
-    projected = [p for n, p in model.named_parameters() if n in targets and p.requires_grad]
-    decayed = [p for n, p in model.named_parameters() if n not in targets and p.requires_grad and p.dim() >= 2]
-    plain = [p for n, p in model.named_parameters() if n not in targets and p.requires_grad and p.dim() < 2]
+    projected, decayed, plain = split_parameters(model, ctx)
     groups = [
         {"params": projected, "rank": settings.rank, "update_proj_gap": settings.update_proj_gap,
          "scale": settings.scale, "proj_type": settings.proj_type, "weight_decay": ctx.method.weight_decay},
@@ -39,6 +49,31 @@ def param_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:
         {"params": plain, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+def projected_accumulation(model: nn.Module, ctx: BuildContext) -> Recipe:
+    """`galore.accumulate: projected` (see `galore_projected`); clips gradients itself."""
+    from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
+
+    settings = ctx.method.galore
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("galore.accumulate projected is single-GPU (its hooks own the gradients); use full with --gpus")
+    projected, decayed, plain = split_parameters(model, ctx)
+    others = [group for group in ({"params": decayed, "weight_decay": ctx.method.weight_decay},
+                                  {"params": plain, "weight_decay": 0.0}) if group["params"]]
+    optimizer = ProjectedGaLore(projected, others, lr=ctx.method.lr, rank=settings.rank,
+                                update_proj_gap=settings.update_proj_gap, scale=settings.scale,
+                                weight_decay=ctx.method.weight_decay, max_grad_norm=ctx.method.max_grad_norm,
+                                eight_bit=settings.variant == "adamw8bit")
+    embedding = model.get_input_embeddings()
+    if any(p is embedding.weight for p in projected):
+        try:
+            route_embedding_gradient(embedding, optimizer)
+        except TypeError as error:
+            raise UserError(f"galore.accumulate projected with the embedding as a target: {error}") from None
+    notes = {"galore_targets": len(projected), "galore_accumulate": "projected"}
+    return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}_projected", saves="full",
+                  notes=notes, clips_gradients=True)
 
 
 def build(ctx: BuildContext) -> Recipe:
@@ -61,6 +96,8 @@ def build(ctx: BuildContext) -> Recipe:
         return Recipe(model=model, optim="galore_adamw_layerwise", saves="full", notes=notes)
     if settings.variant == "adamw8bit" and ctx.device != "cuda":
         raise UserError("galore.variant adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit GaLore kernels); use adamw")
+    if settings.accumulate == "projected":
+        return projected_accumulation(model, ctx)
     optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else galore_torch.GaLoreAdamW
     optimizer = optimizer_class(param_groups(model, ctx), lr=ctx.method.lr)
     return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}", saves="full", notes=notes)

@@ -321,7 +321,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         weight_decay=method.weight_decay,
         warmup_steps=method.warmup_steps,
         lr_scheduler_type=method.scheduler,
-        max_grad_norm=method.max_grad_norm,
+        max_grad_norm=0.0 if recipe.clips_gradients else method.max_grad_norm,
         num_train_epochs=method.epochs,
         max_steps=method.max_steps,
         logging_steps=method.logging_steps,

@@ -9,6 +9,9 @@ full-size weight gradient before adding it: two extra weight-sized tensors at th
 `weight.grad` (`addmm_`), as Megatron-LM's gradient-accumulation fusion does; no library offers it
 for this loss with Gemma's soft-capping, so it is written here.
 
+A weight with a `gradient_sink` (projected GaLore) gets its gradient by blocks of vocabulary rows
+instead, handed to the sink; it then never exists whole.
+
 Only for a single process and a weight that the input embedding shares: the embedding lookup's
 gradient then still reaches the parameter through autograd, so hooks on it (layer-wise optimizers)
 run once the whole gradient is in place. Under DDP / FSDP the reducers own `.grad`: not used there.
@@ -29,18 +32,24 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk):
         total = hidden.new_zeros((), dtype=torch.float32)
+        log_normalizers = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             logits = _capped(F.linear(hidden[start:start + chunk], weight).float(), softcap)[0]
-            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
-        ctx.save_for_backward(hidden, targets)
+            y = targets[start:start + chunk]
+            log_normalizers[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            total += (log_normalizers[start:start + chunk] - logits.gather(1, y[:, None])[:, 0]).sum()
+        ctx.save_for_backward(hidden, targets, log_normalizers)
         ctx.weight, ctx.softcap, ctx.chunk = weight, softcap, chunk  # the parameter itself: its .grad is written
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        hidden, targets = ctx.saved_tensors
+        hidden, targets, log_normalizers = ctx.saved_tensors
         weight = ctx.weight
+        sink = getattr(weight, "gradient_sink", None)
+        if sink is not None:
+            return _backward_by_vocabulary_rows(ctx, grad_total, hidden, targets, log_normalizers, sink)
         grad_hidden = torch.empty_like(hidden)
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
@@ -63,6 +72,37 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             weight.grad.addmm_(grad_logits.t(), h)
             del grad_logits
         return grad_hidden, None, None, None, None
+
+
+def _backward_by_vocabulary_rows(ctx, grad_total, hidden, targets, log_normalizers, sink):
+    """Backward one block of vocabulary rows at a time, for a weight whose gradient goes to `sink`
+    (`methods/galore_projected.py`): each block's rows of the weight gradient are complete, so they are
+    handed over whole and no weight-sized gradient ever exists. Blocks hold about `chunk` x vocabulary
+    logits, as the token chunks do."""
+    weight, softcap = ctx.weight, ctx.softcap
+    tokens = hidden.shape[0]
+    block = max(1024, ctx.chunk * weight.shape[0] // max(tokens, 1))
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    positions = torch.arange(tokens, device=hidden.device)
+    for start in range(0, weight.shape[0], block):
+        rows = weight[start:start + block]
+        grad_logits = F.linear(hidden, rows).float()
+        tanh = None
+        if softcap:
+            tanh = grad_logits.div_(softcap).tanh_()
+            grad_logits = (tanh * softcap).sub_(log_normalizers[:, None]).exp_()
+        else:
+            grad_logits = grad_logits.sub_(log_normalizers[:, None]).exp_()
+        inside = (targets >= start) & (targets < start + rows.shape[0])
+        grad_logits[positions[inside], targets[inside] - start] -= 1  # softmax - one-hot
+        if tanh is not None:
+            grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1))
+            del tanh
+        grad_logits = grad_logits.mul_(grad_total).to(weight.dtype)
+        grad_hidden += grad_logits @ rows
+        sink.absorb_rows(weight, start, grad_logits.t() @ hidden)
+        del grad_logits
+    return grad_hidden.to(hidden.dtype), None, None, None, None
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:

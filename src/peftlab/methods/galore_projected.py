@@ -1,0 +1,250 @@
+"""GaLore whose gradients never persist at full size (`galore.accumulate: projected`).
+
+Plain GaLore (galore-torch) keeps a full gradient of every weight until the optimizer step and
+projects it to rank r there. With micro-batches that gradient set is the largest thing in memory
+after the weights (1.86 GiB for Gemma 3 1B in bf16). Projection is linear, so the sum of the
+micro-batches' projected gradients is the projection of their sum: here each target weight's
+gradient is projected as soon as backward produces it (a post-accumulate-grad hook), added to a
+rank-r accumulator, and freed. Every `update_proj_gap` steps GaLore recomputes the projection from
+the whole step's gradient; on those steps the full gradients are summed in host memory instead and
+projected at the step, so the projections are GaLore's own.
+
+The tied 262k-row embedding never gets a full gradient on the GPU: the vocabulary loss
+(`train/vocab_loss.py`) and the lookup (`route_embedding_gradient`) hand their gradients to this
+optimizer in row blocks. A matrix that large takes its projection from the eigenvectors of G^T G,
+summed block by block, instead of an SVD, which would need fp32 copies of the whole matrix.
+
+galore-torch updates layer by layer without accumulation but never accumulates in the projected
+space, so this is written here; the SVD, the back-projection and the Adam updates are
+galore-torch's / bitsandbytes'. Gradient clipping uses the norm of the gradients the update sees
+(the targets' projected ones and the other parameters'). Single process only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+# A tall target with at least this many elements takes its projection from G^T G (see the docstring).
+GRAM_MIN_ELEMENTS = 32 * 1024 * 1024
+# Rows per block when a host-summed gradient is moved to the device.
+ROW_BLOCK = 8192
+
+
+class ProjectedGaLore(torch.optim.Optimizer):
+    """GaLore-AdamW (`eight_bit`: bitsandbytes' 8-bit states, as GaLoreAdamW8bit) over `targets`,
+    with projected gradient accumulation; `others` are plain parameter groups (AdamW)."""
+
+    def __init__(self, targets: list[nn.Parameter], others: list[dict[str, Any]], *, lr: float, rank: int,
+                 update_proj_gap: int, scale: float, weight_decay: float, max_grad_norm: float,
+                 eight_bit: bool, gram_min_elements: int = GRAM_MIN_ELEMENTS) -> None:
+        super().__init__([{"params": list(targets), "weight_decay": weight_decay}, *others],
+                         {"lr": lr, "weight_decay": 0.0})
+        self.targets = list(targets)
+        self.rank, self.update_proj_gap, self.scale = rank, update_proj_gap, scale
+        self.max_grad_norm = max_grad_norm
+        self.gram_min_elements = gram_min_elements
+        self.steps_taken = 0
+        self.last_grad_norm: float | None = None
+        self.ortho: dict[nn.Parameter, torch.Tensor] = {}
+        self.projected: dict[nn.Parameter, torch.Tensor] = {}  # this step's summed projected gradients
+        self.host: dict[nn.Parameter, torch.Tensor] = {}  # projection steps: full gradients, fp32, in host memory
+        # The Adam update runs on a stand-in of the projected shape (what galore-torch does with p.data).
+        self.stand_ins = {p: nn.Parameter(p.new_empty(0), requires_grad=False) for p in self.targets}
+        inner_groups = [{"params": list(self.stand_ins.values()), "weight_decay": 0.0}]
+        inner_groups += [{"params": list(g["params"]), "weight_decay": g.get("weight_decay", 0.0)} for g in others]
+        if eight_bit:
+            import bitsandbytes as bnb
+
+            self.inner = bnb.optim.AdamW8bit(inner_groups, lr=lr)
+        else:
+            from galore_torch import GaLoreAdamW
+
+            self.inner = GaLoreAdamW(inner_groups, lr=lr, no_deprecation_warning=True)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._absorb_grad) for p in self.targets]
+
+    # -- gradients in, as backward produces them ------------------------------------------------------
+
+    def projecting_step(self) -> bool:
+        """Whether this step recomputes the projections (GaLore: every `update_proj_gap` steps, from 0)."""
+        return self.steps_taken % self.update_proj_gap == 0
+
+    @torch.no_grad()
+    def _absorb_grad(self, param: nn.Parameter) -> None:
+        grad, param.grad = param.grad, None
+        if grad is not None:  # autograd runs the hook also when a function returned no gradient for it
+            self.absorb_rows(param, 0, grad)
+
+    @torch.no_grad()
+    def absorb_rows(self, param: nn.Parameter, start: int, rows: torch.Tensor) -> None:
+        """Add `rows`, the gradient of `param[start:start + len(rows)]`."""
+        end = start + rows.shape[0]
+        if self.projecting_step() or param not in self.ortho:
+            self._host_sum(param)[start:end] += rows.float().cpu()
+        elif self._tall(param):
+            self._projected_sum(param)[start:end] += rows @ self.ortho[param].t()
+        else:
+            self._projected_sum(param).addmm_(self.ortho[param][start:end].t(), rows)
+
+    @torch.no_grad()
+    def absorb_index(self, param: nn.Parameter, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add `rows[i]` to the gradient of `param[index[i]]` (repeated indices add up)."""
+        if self.projecting_step() or param not in self.ortho:
+            self._host_sum(param).index_add_(0, index.cpu(), rows.float().cpu())
+        elif self._tall(param):
+            self._projected_sum(param).index_add_(0, index, rows @ self.ortho[param].t())
+        else:
+            self._projected_sum(param).addmm_(self.ortho[param][index].t(), rows)
+
+    def _host_sum(self, param: nn.Parameter) -> torch.Tensor:
+        if param not in self.host:
+            self.host[param] = torch.zeros(param.shape, dtype=torch.float32, device="cpu")
+        return self.host[param]
+
+    def _projected_sum(self, param: nn.Parameter) -> torch.Tensor:
+        if param not in self.projected:
+            rows, cols = param.shape
+            shape = (rows, self._kept(param)) if self._tall(param) else (self._kept(param), cols)
+            self.projected[param] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        return self.projected[param]
+
+    @staticmethod
+    def _tall(param: nn.Parameter) -> bool:
+        """GaLore's `std` projection: a tall matrix keeps rank-r rows of its right factor, a wide one columns."""
+        return param.shape[0] >= param.shape[1]
+
+    def _kept(self, param: nn.Parameter) -> int:
+        return min(self.rank, *param.shape)
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for param in self.targets:  # a projection step's, or a first gradient of a weight unused until now
+            if param in self.host:
+                self._set_projection(param, self.host.pop(param))
+        self._clip()
+        for inner_group, group in zip(self.inner.param_groups, self.param_groups, strict=True):
+            inner_group["lr"] = group["lr"]
+        for param, stand_in in self.stand_ins.items():
+            if param in self.projected:
+                stand_in.data = torch.zeros_like(self.projected[param])
+                stand_in.grad = self.projected[param]
+        self.inner.step()
+        lr, decay = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
+        for param, stand_in in self.stand_ins.items():
+            if stand_in.grad is None:
+                continue
+            param.add_(self._back(param, stand_in.data))
+            if decay > 0:
+                param.add_(param, alpha=-lr * decay)  # galore-torch's order: after the update
+            stand_in.grad = None
+            stand_in.data = param.new_empty(0)
+        self.projected.clear()
+        self.steps_taken += 1
+        return loss
+
+    def _back(self, param: nn.Parameter, low_rank: torch.Tensor) -> torch.Tensor:
+        ortho = self.ortho[param]
+        full = low_rank @ ortho if self._tall(param) else ortho @ low_rank
+        return full * self.scale
+
+    def _clip(self) -> None:
+        grads = list(self.projected.values())
+        grads += [p.grad for group in self.param_groups[1:] for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.last_grad_norm = float(norm)
+        if self.max_grad_norm > 0 and self.last_grad_norm > self.max_grad_norm:
+            for grad in grads:
+                grad.mul_(self.max_grad_norm / (self.last_grad_norm + 1e-6))
+
+    @torch.no_grad()
+    def _set_projection(self, param: nn.Parameter, summed: torch.Tensor) -> None:
+        """The step's projection from its whole gradient (rounded to the weight's dtype, as galore-torch
+        sees it), and the projected gradient."""
+        device, dtype = param.device, param.dtype
+        if self._tall(param) and summed.numel() >= self.gram_min_elements:
+            gram = torch.zeros(summed.shape[1], summed.shape[1], dtype=torch.float32, device=device)
+            for start in range(0, summed.shape[0], ROW_BLOCK):
+                block = summed[start:start + ROW_BLOCK].to(device).to(dtype).float()
+                gram.addmm_(block.t(), block)
+            _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues: the top ones last
+            self.ortho[param] = vectors[:, -self._kept(param):].flip(-1).t().contiguous().to(dtype)
+            projected = self._projected_sum(param)
+            for start in range(0, summed.shape[0], ROW_BLOCK):
+                block = summed[start:start + ROW_BLOCK].to(device).to(dtype)
+                projected[start:start + ROW_BLOCK] = block @ self.ortho[param].t()
+            return
+        from galore_torch.galore_projector import GaLoreProjector
+
+        grad = summed.to(device).to(dtype)
+        side = "right" if self._tall(param) else "left"
+        self.ortho[param] = GaLoreProjector(self.rank).get_orthogonal_matrix(grad, self.rank, side)
+        ortho = self.ortho[param]
+        self.projected[param] = grad @ ortho.t() if self._tall(param) else ortho.t() @ grad
+
+    # -- checkpoints (--resume) ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        index = {p: i for i, p in enumerate(self.targets)}
+        return {"inner": self.inner.state_dict(), "steps_taken": self.steps_taken,
+                "ortho": {index[p]: o for p, o in self.ortho.items()},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict["inner"])
+        self.steps_taken = int(state_dict["steps_taken"])
+        self.ortho = {self.targets[int(i)]: o.to(self.targets[int(i)].device) for i, o in state_dict["ortho"].items()}
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            group.update(saved)
+
+
+class _LookupIntoSink(torch.autograd.Function):
+    """The embedding lookup, whose weight gradient goes to `sink.absorb_index` instead of `.grad`."""
+
+    @staticmethod
+    def forward(ctx, input_ids, weight, padding_idx, sink):
+        ctx.save_for_backward(input_ids)
+        ctx.weight, ctx.padding_idx, ctx.sink = weight, padding_idx, sink
+        return F.embedding(input_ids, weight, padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (input_ids,) = ctx.saved_tensors
+        index = input_ids.reshape(-1)
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.padding_idx is not None:
+            keep = index != ctx.padding_idx  # nn.Embedding leaves the padding row's gradient at zero
+            index, rows = index[keep], rows[keep]
+        ctx.sink.absorb_index(ctx.weight, index, rows.to(ctx.weight.dtype))
+        return None, None, None, None
+
+
+def route_embedding_gradient(embedding: nn.Embedding, sink: ProjectedGaLore) -> None:
+    """Send the lookup's and (if tied) the vocabulary loss's gradient of `embedding.weight` to `sink`.
+
+    Serves nn.Embedding and embeddings that scale its output by `embed_scale` (Gemma's)."""
+    plain = type(embedding).forward is nn.Embedding.forward
+    if not plain and not hasattr(embedding, "embed_scale"):
+        raise TypeError(f"{type(embedding).__name__}: an embedding whose forward is not known here")
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        raise TypeError("embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported")
+    weight = embedding.weight
+    weight.gradient_sink = sink  # the fused vocabulary loss looks for it
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        looked_up = _LookupIntoSink.apply(input_ids, embedding.weight, embedding.padding_idx, sink)
+        return looked_up if plain else looked_up * embedding.embed_scale.to(embedding.weight.dtype)
+
+    embedding.forward = forward

@@ -1,0 +1,168 @@
+"""Projected GaLore accumulation: the same updates as galore-torch's GaLoreAdamW on the summed full
+gradients, with no full gradient kept, and the same after a checkpoint round trip."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from galore_torch import GaLoreAdamW
+from torch import nn
+
+from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
+from peftlab.train import vocab_loss
+from peftlab.train.runner import target_token_loss_sum
+
+RANK, GAP, SCALE, LR, DECAY = 4, 2, 0.25, 1e-2, 0.01
+
+
+class TinyLM(nn.Module):
+    """A tied embedding (a GaLore target, as in the study's original code), a tall and a wide matrix, a norm."""
+
+    def __init__(self, vocab: int = 40, width: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.up = nn.Linear(width, 20, bias=False)
+        self.down = nn.Linear(20, width, bias=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def loss(self, ids: torch.Tensor, summed) -> torch.Tensor:
+        hidden = self.embed(ids)
+        hidden = self.norm(hidden + self.down(torch.tanh(self.up(hidden))))
+        return summed(hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1), self.head, 3.0, 5)
+
+    def targets(self) -> list[nn.Parameter]:
+        return [self.embed.weight, self.up.weight, self.down.weight]
+
+    def others(self) -> list[dict]:
+        return [{"params": list(self.norm.parameters()), "weight_decay": 0.0}]
+
+
+def _batches(steps: int, micro: int) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [[torch.randint(0, 40, (3, 7), generator=generator) for _ in range(micro)] for _ in range(steps)]
+
+
+def _reference(model: TinyLM, batches, max_grad_norm: float = 0.0) -> list[torch.Tensor]:
+    """galore-torch: full gradients summed over the micro-batches, projected at the step."""
+    optimizer = GaLoreAdamW([{"params": model.targets(), "rank": RANK, "update_proj_gap": GAP, "scale": SCALE,
+                              "proj_type": "std", "weight_decay": DECAY}, *model.others()], lr=LR,
+                            no_deprecation_warning=True)
+    snapshots = []
+    for step in batches:
+        for ids in step:
+            model.loss(ids, target_token_loss_sum).backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    return snapshots
+
+
+def _ours(model: TinyLM, batches, optimizer: ProjectedGaLore | None = None) -> list[torch.Tensor]:
+    if optimizer is None:
+        optimizer = _projected(model)
+    snapshots = []
+    for step in batches:
+        for ids in step:
+            model.loss(ids, vocab_loss.summed_cross_entropy).backward()
+            assert all(p.grad is None for p in model.targets())  # never held at full size
+        optimizer.step()
+        optimizer.zero_grad()
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    return snapshots
+
+
+def _projected(model: TinyLM, max_grad_norm: float = 0.0, gram_min_elements: int = 10**9) -> ProjectedGaLore:
+    # The 40 x 12 embedding takes the G^T G path, the 20 x 12 matrix galore-torch's SVD.
+    optimizer = ProjectedGaLore(model.targets(), model.others(), lr=LR, rank=RANK, update_proj_gap=GAP,
+                                scale=SCALE, weight_decay=DECAY, max_grad_norm=max_grad_norm, eight_bit=False,
+                                gram_min_elements=gram_min_elements)
+    route_embedding_gradient(model.embed, optimizer)
+    return optimizer
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_same_weights_as_galore_torch_on_the_summed_gradients(gram):
+    """With galore-torch's SVD for every target, the same weights at every step. With the embedding's
+    projection from G^T G, the same until the projection is first recomputed (step 2): both bases span
+    the same subspace, but the eigenvectors' signs are not the SVD's, and GaLore carries its Adam
+    moments over into the new basis, so later steps differ as any other sign choice would."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    batches = _batches(steps=5, micro=3)  # projections recomputed at steps 0, 2 and 4
+    expected = _reference(model, batches)
+    ours = _ours(twin, batches, _projected(twin, gram_min_elements=400 if gram else 10**9))
+    for step, (a, b) in enumerate(zip(ours[:2] if gram else ours, expected, strict=False)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=f"step {step}")
+    assert (expected[-1] - expected[0]).abs().max() > 1e-3  # the weights did train
+
+
+def test_the_gram_projection_spans_the_svd_subspace():
+    torch.manual_seed(0)
+    gradient = torch.randn(3000, 40) @ torch.diag(torch.linspace(3, 0.1, 40))  # distinct singular values
+    param = nn.Parameter(torch.zeros(3000, 40))
+    optimizer = ProjectedGaLore([param], [], lr=LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, weight_decay=0.0,
+                                max_grad_norm=0.0, eight_bit=False, gram_min_elements=1)
+    optimizer._set_projection(param, gradient.clone())
+    right = torch.linalg.svd(gradient, full_matrices=False).Vh[:RANK]
+    ours = optimizer.ortho[param]
+    torch.testing.assert_close(ours.t() @ ours, right.t() @ right, atol=1e-4, rtol=0)
+    torch.testing.assert_close(optimizer.projected[param], gradient @ ours.t())
+
+
+def test_clipping_uses_the_norm_of_the_projected_gradients():
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    optimizer = _projected(model, max_grad_norm=1e-3)
+    batches = _batches(steps=1, micro=2)
+    for ids in batches[0]:
+        twin.loss(ids, target_token_loss_sum).backward()
+    full = {name: p.grad.clone() for name, p in twin.named_parameters()}
+    _ours(model, batches, optimizer)
+    projected = [full["embed.weight"] @ optimizer.ortho[model.embed.weight].t(),
+                 full["up.weight"] @ optimizer.ortho[model.up.weight].t(),
+                 optimizer.ortho[model.down.weight].t() @ full["down.weight"]]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
+                                                     [*projected, full["norm.weight"], full["norm.bias"]]]))
+    assert optimizer.last_grad_norm == pytest.approx(float(expected), rel=1e-4)
+    assert optimizer.last_grad_norm < sum(float(g.norm()) for g in full.values())
+
+
+def test_a_checkpoint_round_trip_continues_the_same_run():
+    torch.manual_seed(0)
+    model = TinyLM()
+    batches = _batches(steps=4, micro=2)
+    whole = _ours(copy.deepcopy(model), batches)
+
+    first = copy.deepcopy(model)
+    optimizer = _projected(first)
+    _ours(first, batches[:3], optimizer)  # stops after a step between projection refreshes
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    second = TinyLM()
+    second.load_state_dict(saved["model"])
+    restored = _projected(second)
+    restored.load_state_dict(saved["optimizer"])
+    assert restored.steps_taken == 3
+    resumed = _ours(second, batches[3:], restored)
+    torch.testing.assert_close(resumed[-1], whole[-1], rtol=0, atol=0)
+
+
+def test_a_target_unused_until_a_later_step_gets_its_projection_then():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = _projected(model)
+    optimizer.steps_taken = 1  # not a projection step, and the weights have no projection yet
+    model.loss(_batches(1, 1)[0][0], vocab_loss.summed_cross_entropy).backward()
+    optimizer.step()
+    assert set(optimizer.ortho) == set(model.targets()) and not optimizer.host
