@@ -166,3 +166,23 @@ def test_a_target_unused_until_a_later_step_gets_its_projection_then():
     model.loss(_batches(1, 1)[0][0], vocab_loss.summed_cross_entropy).backward()
     optimizer.step()
     assert set(optimizer.ortho) == set(model.targets()) and not optimizer.host
+
+
+def test_eight_bit_states_train_the_same_way():
+    """bitsandbytes' 8-bit Adam on the projected stand-ins (the bench's lowmem GaLore); its CPU kernels here."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=5000, width=64)  # large enough for 8-bit blocks
+    optimizer = ProjectedGaLore(model.targets(), model.others(), lr=1e-2, rank=8, update_proj_gap=2, scale=SCALE,
+                                weight_decay=DECAY, max_grad_norm=1.0, eight_bit=True)
+    route_embedding_gradient(model.embed, optimizer)
+    generator = torch.Generator().manual_seed(1)
+    batches = [[torch.randint(0, 5000, (3, 7), generator=generator) for _ in range(2)] for _ in range(3)]
+    try:
+        snapshots = _ours(model, batches, optimizer)
+    except (RuntimeError, NotImplementedError) as error:  # a bitsandbytes build without CPU optimizer kernels
+        pytest.skip(f"bitsandbytes 8-bit optimizer not available on this device: {error}")
+    assert torch.isfinite(snapshots[-1]).all()
+    assert (snapshots[1] - snapshots[0]).abs().max() > 1e-3  # the weights moved at every step
+    assert (snapshots[2] - snapshots[1]).abs().max() > 1e-3
+    state = optimizer.inner.state[optimizer.stand_ins[model.embed.weight]]
+    assert state["state1"].dtype == torch.uint8  # 8-bit moments of the projected (5000 x 8) gradient
