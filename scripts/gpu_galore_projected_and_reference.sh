@@ -22,7 +22,7 @@ if [ "${1:-first}" = first ]; then
 else
   resume=()
   if [ -f .carry/bench-partial.json ]; then cp .carry/bench-partial.json "$OUT/bench.json"; resume=(--resume); fi
-  timeout 560 python -m peftlab bench --reference --methods qlora,galore --profiles lowmem,fast "${resume[@]}" \
+  timeout 560 python -m peftlab bench --reference --methods galore,qlora --profiles lowmem,fast "${resume[@]}" \
     --data /tmp/samples --tokenizer /tmp/tok --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   echo "bench rc=$? (124: cut; copy $OUT/bench.json to .carry/bench-partial.json and run again)"
   tail -n 14 "$OUT/bench.log"
