@@ -84,7 +84,7 @@ class ProjectedGaLore(torch.optim.Optimizer):
         """Add `rows`, the gradient of `param[start:start + len(rows)]`."""
         end = start + rows.shape[0]
         if self.projecting_step() or param not in self.ortho:
-            self._host_sum(param)[start:end] += rows.float().cpu()
+            self._host_sum(param)[start:end] += rows.cpu().float()  # no fp32 copy on the GPU
         elif self._tall(param):
             self._projected_sum(param)[start:end] += rows @ self.ortho[param].t()
         else:
@@ -94,7 +94,7 @@ class ProjectedGaLore(torch.optim.Optimizer):
     def absorb_index(self, param: nn.Parameter, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Add `rows[i]` to the gradient of `param[index[i]]` (repeated indices add up)."""
         if self.projecting_step() or param not in self.ortho:
-            self._host_sum(param).index_add_(0, index.cpu(), rows.float().cpu())
+            self._host_sum(param).index_add_(0, index.cpu(), rows.cpu().float())
         elif self._tall(param):
             self._projected_sum(param).index_add_(0, index, rows @ self.ortho[param].t())
         else:
