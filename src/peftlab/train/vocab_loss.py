@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-
 # Most vocabulary rows per block in the backward by rows: 8,192 x 1,152 bf16 is 18 MiB for Gemma 3.
 MAX_ROW_BLOCK = 8192
 
