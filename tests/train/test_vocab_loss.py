@@ -64,3 +64,35 @@ def test_bf16_matches_the_checkpointed_chunks_when_nothing_accumulated():
     torch.testing.assert_close(fused[0], plain[0])
     torch.testing.assert_close(fused[1], plain[1])
     torch.testing.assert_close(fused[2].float(), plain[2].float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
+
+
+class _DenseSink:
+    """Collects the row blocks a routed weight's gradient arrives in (projected GaLore's interface)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.grad = torch.zeros_like(weight)
+        self.blocks: list[int] = []
+
+    def absorb_rows(self, param, start, rows):
+        self.grad[start:start + rows.shape[0]] += rows
+        self.blocks.append(rows.shape[0])
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_a_routed_weight_gets_the_same_gradient_by_vocabulary_rows(softcap, monkeypatch):
+    monkeypatch.setattr(vocab_loss, "MAX_ROW_BLOCK", 16)  # 50 rows: blocks of 16, 16, 16, 2
+    embed, head = _tied()
+    ids = torch.randint(0, 50, (3,))  # few tokens: without the cap one block would be the whole vocabulary
+    targets = torch.randint(0, 50, (3,))
+    plain = _loss_and_grads(target_token_loss_sum, embed, head, ids, targets, softcap, 2)
+    sink = _DenseSink(embed.weight)
+    embed.weight.gradient_sink = sink
+    try:
+        routed = _loss_and_grads(vocab_loss.summed_cross_entropy, embed, head, ids, targets, softcap, 2)
+    finally:
+        del embed.weight.gradient_sink
+    torch.testing.assert_close(routed[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(routed[1], plain[1], rtol=1e-5, atol=1e-6)
+    # .grad holds only the lookup's share; the vocabulary loss's share arrived by rows
+    torch.testing.assert_close(routed[2] + sink.grad, plain[2], rtol=1e-5, atol=1e-6)
+    assert sink.blocks == [16, 16, 16, 2] and sink.grad.abs().sum() > 0
