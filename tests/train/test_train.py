@@ -212,6 +212,11 @@ def test_projected_galore_trains_as_galore_torch_on_summed_gradients(smoke, tmp_
     assert [p["loss"] for p in ours["loss_curve"]] == pytest.approx([p["loss"] for p in plain["loss_curve"]], rel=1e-4)
     assert len({round(p["loss"], 4) for p in ours["loss_curve"]}) > 1
     assert len(routed) >= 10  # the vocabulary loss handed the embedding's gradient over by rows (5 steps x 2+)
+    # The logged gradient norm is the optimizer's (the targets' .grad is empty), near galore-torch's full one.
+    logged = [float(row.split(",")[4]) for row in (tmp_path / "projected" / "loss.csv").read_text().splitlines()[1:]]
+    full = [float(row.split(",")[4]) for row in (tmp_path / "full" / "loss.csv").read_text().splitlines()[1:]]
+    assert len(logged) == len(full) == 5
+    assert all(0.5 * f < ours <= f * 1.0001 for ours, f in zip(logged, full, strict=True))  # projected <= full
 
 
 def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_path):
@@ -225,6 +230,17 @@ def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_pat
     assert resumed["resumed_from"].endswith("checkpoint-3")
     assert [p["loss"] for p in resumed["loss_curve"]] == pytest.approx([p["loss"] for p in whole["loss_curve"]],
                                                                        rel=1e-5, abs=1e-6)
+
+
+def test_a_hybrid_with_a_single_process_galore_stage_is_refused_before_training(smoke):
+    from peftlab.errors import UserError
+    from peftlab.train.runner import check_single_process
+
+    config, _ = smoke
+    config = replace(config, methods={**config.methods, "galore": _projected(config.method("galore"))})
+    with pytest.raises(UserError, match="method 'hybrid': galore with accumulate projected"):
+        check_single_process(config, "hybrid", config.method("hybrid"))
+    check_single_process(config, "qlora", config.method("qlora"))  # nothing to refuse
 
 
 def test_layerwise_galore_refuses_gradient_accumulation(smoke, tmp_path):

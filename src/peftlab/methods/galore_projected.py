@@ -22,6 +22,7 @@ galore-torch's / bitsandbytes'. Gradient clipping uses the norm of the gradients
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -29,10 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from peftlab.errors import UserError
+
 # A tall target with at least this many elements takes its projection from G^T G (see the docstring).
 GRAM_MIN_ELEMENTS = 32 * 1024 * 1024
 # Rows per block when a host-summed gradient is moved to the device.
 ROW_BLOCK = 8192
+# Embedding classes whose forward is nn.Embedding's times `embed_scale` (what the routed lookup computes).
+SCALED_EMBEDDINGS = {"Gemma3TextScaledWordEmbedding"}
 
 
 class ProjectedGaLore(torch.optim.Optimizer):
@@ -53,6 +58,8 @@ class ProjectedGaLore(torch.optim.Optimizer):
         self.ortho: dict[nn.Parameter, torch.Tensor] = {}
         self.projected: dict[nn.Parameter, torch.Tensor] = {}  # this step's summed projected gradients
         self.host: dict[nn.Parameter, torch.Tensor] = {}  # projection steps: full gradients, fp32, in host memory
+        # Targets that had no gradient on a projection step: they take a new projection from their next one.
+        self.stale: set[nn.Parameter] = set()
         # The Adam update runs on a stand-in of the projected shape (what galore-torch does with p.data).
         self.stand_ins = {p: nn.Parameter(p.new_empty(0), requires_grad=False) for p in self.targets}
         inner_groups = [{"params": list(self.stand_ins.values()), "weight_decay": 0.0}]
@@ -83,7 +90,7 @@ class ProjectedGaLore(torch.optim.Optimizer):
     def absorb_rows(self, param: nn.Parameter, start: int, rows: torch.Tensor) -> None:
         """Add `rows`, the gradient of `param[start:start + len(rows)]`."""
         end = start + rows.shape[0]
-        if self.projecting_step() or param not in self.ortho:
+        if self._needs_full(param):
             self._host_sum(param)[start:end] += rows.cpu().float()  # no fp32 copy on the GPU
         elif self._tall(param):
             self._projected_sum(param)[start:end] += rows @ self.ortho[param].t()
@@ -93,12 +100,16 @@ class ProjectedGaLore(torch.optim.Optimizer):
     @torch.no_grad()
     def absorb_index(self, param: nn.Parameter, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Add `rows[i]` to the gradient of `param[index[i]]` (repeated indices add up)."""
-        if self.projecting_step() or param not in self.ortho:
+        if self._needs_full(param):
             self._host_sum(param).index_add_(0, index.cpu(), rows.cpu().float())
         elif self._tall(param):
             self._projected_sum(param).index_add_(0, index, rows @ self.ortho[param].t())
         else:
             self._projected_sum(param).addmm_(self.ortho[param][index].t(), rows)
+
+    def _needs_full(self, param: nn.Parameter) -> bool:
+        """Whether this step's gradient of `param` is summed whole, to compute its projection from."""
+        return self.projecting_step() or param not in self.ortho or param in self.stale
 
     def _host_sum(self, param: nn.Parameter) -> torch.Tensor:
         if param not in self.host:
@@ -131,6 +142,9 @@ class ProjectedGaLore(torch.optim.Optimizer):
         for param in self.targets:  # a projection step's, or a first gradient of a weight unused until now
             if param in self.host:
                 self._set_projection(param, self.host.pop(param))
+                self.stale.discard(param)
+            elif self.projecting_step():
+                self.stale.add(param)
         self._clip()
         for inner_group, group in zip(self.inner.param_groups, self.param_groups, strict=True):
             inner_group["lr"] = group["lr"]
@@ -166,7 +180,7 @@ class ProjectedGaLore(torch.optim.Optimizer):
         grads += [p.grad for group in self.param_groups[1:] for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
         self.last_grad_norm = float(norm)
         if self.max_grad_norm > 0 and self.last_grad_norm > self.max_grad_norm:
             for grad in grads:
@@ -180,18 +194,18 @@ class ProjectedGaLore(torch.optim.Optimizer):
         if self._tall(param) and summed.numel() >= self.gram_min_elements:
             gram = torch.zeros(summed.shape[1], summed.shape[1], dtype=torch.float32, device=device)
             for start in range(0, summed.shape[0], ROW_BLOCK):
-                block = summed[start:start + ROW_BLOCK].to(device).to(dtype).float()
+                block = summed[start:start + ROW_BLOCK].to(dtype).to(device).float()
                 gram.addmm_(block.t(), block)
             _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues: the top ones last
             self.ortho[param] = vectors[:, -self._kept(param):].flip(-1).t().contiguous().to(dtype)
             projected = self._projected_sum(param)
             for start in range(0, summed.shape[0], ROW_BLOCK):
-                block = summed[start:start + ROW_BLOCK].to(device).to(dtype)
+                block = summed[start:start + ROW_BLOCK].to(dtype).to(device)
                 projected[start:start + ROW_BLOCK] = block @ self.ortho[param].t()
             return
         from galore_torch.galore_projector import GaLoreProjector
 
-        grad = summed.to(device).to(dtype)
+        grad = summed.to(dtype).to(device)
         side = "right" if self._tall(param) else "left"
         self.ortho[param] = GaLoreProjector(self.rank).get_orthogonal_matrix(grad, self.rank, side)
         ortho = self.ortho[param]
@@ -202,11 +216,18 @@ class ProjectedGaLore(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(self.targets)}
         return {"inner": self.inner.state_dict(), "steps_taken": self.steps_taken,
+                "rank": self.rank, "update_proj_gap": self.update_proj_gap,
+                "stale": sorted(index[p] for p in self.stale),
                 "ortho": {index[p]: o for p, o in self.ortho.items()},
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("rank"), state_dict.get("update_proj_gap"))
+        if saved != (self.rank, self.update_proj_gap):
+            raise UserError(f"the checkpoint's GaLore optimizer has rank {saved[0]} and update_proj_gap {saved[1]};"
+                            f" this config has {self.rank} and {self.update_proj_gap}: resume with the same settings")
         self.inner.load_state_dict(state_dict["inner"])
+        self.stale = {self.targets[int(i)] for i in state_dict.get("stale", [])}
         self.steps_taken = int(state_dict["steps_taken"])
         self.ortho = {self.targets[int(i)]: o.to(self.targets[int(i)].device) for i, o in state_dict["ortho"].items()}
         for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
@@ -238,17 +259,22 @@ class _LookupIntoSink(torch.autograd.Function):
 def route_embedding_gradient(embedding: nn.Embedding, sink: ProjectedGaLore) -> None:
     """Send the lookup's and (if tied) the vocabulary loss's gradient of `embedding.weight` to `sink`.
 
-    Serves nn.Embedding and embeddings that scale its output by `embed_scale` (Gemma's)."""
-    plain = type(embedding).forward is nn.Embedding.forward
-    if not plain and not hasattr(embedding, "embed_scale"):
+    Serves nn.Embedding and the embeddings in SCALED_EMBEDDINGS. A deep copy of the module (whose
+    weight loses the `gradient_sink` attribute) looks up as a plain embedding again."""
+    plain = type(embedding) is nn.Embedding
+    if not plain and type(embedding).__name__ not in SCALED_EMBEDDINGS:
         raise TypeError(f"{type(embedding).__name__}: an embedding whose forward is not known here")
     if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
         raise TypeError("embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported")
-    weight = embedding.weight
-    weight.gradient_sink = sink  # the fused vocabulary loss looks for it
+    embedding.weight.gradient_sink = sink  # the fused vocabulary loss looks for it too
+    embedding.forward = types.MethodType(_routed_lookup, embedding)
 
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        looked_up = _LookupIntoSink.apply(input_ids, embedding.weight, embedding.padding_idx, sink)
-        return looked_up if plain else looked_up * embedding.embed_scale.to(embedding.weight.dtype)
 
-    embedding.forward = forward
+def _routed_lookup(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    sink = getattr(self.weight, "gradient_sink", None)
+    if sink is None:
+        looked_up = F.embedding(input_ids, self.weight, self.padding_idx)
+    else:
+        looked_up = _LookupIntoSink.apply(input_ids, self.weight, self.padding_idx, sink)
+    scale = getattr(self, "embed_scale", None)
+    return looked_up if scale is None else looked_up * scale.to(self.weight.dtype)

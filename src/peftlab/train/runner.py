@@ -163,6 +163,13 @@ class TargetTokenTrainer(Trainer):
             self._batch_targets = None
         return total
 
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # An optimizer that clips its own gradients (projected GaLore) knows the norm; `.grad` does not.
+        own = getattr(self.optimizer, "optimizer", self.optimizer)
+        if getattr(own, "last_grad_norm", None) is not None:
+            grad_norm = own.last_grad_norm
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seen = inputs["attention_mask"].sum()
         self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
@@ -281,6 +288,16 @@ def allow_galore_checkpoints() -> None:
     torch.serialization.add_safe_globals([GaLoreProjector])
 
 
+def check_single_process(config: StudyConfig, name: str, method: MethodConfig) -> None:
+    """Refuse under several processes, before any stage trains, a GaLore whose hooks own the gradients."""
+    trained = [config.method(s.method) for s in method.stages if s.method != "merge"] \
+        if method.kind == "hybrid" else [method]
+    for stage in trained:
+        if stage.kind == "galore" and (stage.galore.accumulate == "projected" or stage.galore.variant == "layerwise"):
+            raise UserError(f"method '{name}': galore with accumulate projected or variant layerwise is single-GPU"
+                            " (it updates from inside backward); use accumulate full and variant adamw with --gpus")
+
+
 def check_fsdp(name: str, method: MethodConfig, world: int) -> None:
     """`--fsdp` only where it can run: lora/qlora/full, several CUDA processes, a non-bitsandbytes optimizer."""
     if method.kind in ("galore", "hybrid"):
@@ -367,6 +384,8 @@ def train_method(
     rank, world = distributed_rank_world()
     if fsdp:
         check_fsdp(name, method, world)
+    if world > 1:
+        check_single_process(config, name, method)
     if method.kind == "hybrid":
         from peftlab.methods.hybrid import train_hybrid
 

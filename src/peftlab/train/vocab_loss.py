@@ -85,7 +85,7 @@ def _backward_by_vocabulary_rows(ctx, grad_total, hidden, targets, log_normalize
     would otherwise make one block of the whole vocabulary)."""
     weight, softcap = ctx.weight, ctx.softcap
     tokens = hidden.shape[0]
-    block = min(MAX_ROW_BLOCK, max(1024, ctx.chunk * weight.shape[0] // max(tokens, 1)))
+    block = min(MAX_ROW_BLOCK, max(256, ctx.chunk * weight.shape[0] // max(tokens, 1)))
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     positions = torch.arange(tokens, device=hidden.device)
     for start in range(0, weight.shape[0], block):
