@@ -23,7 +23,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
         assert run["mfu"] is None and run["peak_alloc_gib"] is None  # no GPU: n/a, never 0
         assert run["step_s_median"] > 0
     assert [r["max_seq_length"] for r in report["runs"]] == [1024, 2048]
-    assert "lora     fast" in capsys.readouterr().err
+    assert "lora          fast" in capsys.readouterr().err
     assert out.with_suffix(".loss.png").stat().st_size > 1000  # the loss curves of every profile
 
     # --resume keeps finished runs (a fast one is marked to prove it is not re-run) and runs the rest.
@@ -54,6 +54,21 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     out.write_text("[]")
     assert main(args) == 2
     assert "is not a bench report" in capsys.readouterr().err
+
+
+def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
+                 "--reference", "--rows-per-source", "8", "--max-steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # No reference recipe for the hybrid; one row per trained stage, the merge's time on the stage after it.
+    assert [(r["method"], r["profile"]) for r in report["runs"]] == [("hybrid:qlora", "fast"), ("hybrid:galore", "fast")]
+    qlora, galore = report["runs"]
+    assert qlora["trainable_params"] < galore["trainable_params"] == galore["total_params"]  # adapters, then all
+    assert galore["merge_before_s"] > 0 and "merge_before_s" not in qlora
+    assert all(r["tokens_per_s"] > 0 and r["optimizer_steps"] == 1 for r in report["runs"])
+    assert report["runs"][0]["settings"]["kind"] == "hybrid"
+    assert "hybrid:galore" in capsys.readouterr().err
 
 
 def test_unknown_method_is_a_user_error(capsys):

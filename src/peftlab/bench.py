@@ -50,6 +50,8 @@ PROFILES = {
     "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
                "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
 }
+# The report's sequential hybrid: QLoRA -> merge into the bf16 base -> GaLore; the bench times each stage.
+HYBRID_STAGES = ("qlora", "galore")
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
@@ -91,23 +93,37 @@ def default_sources(data_dir: str | None) -> list[dict[str, str]]:
     ]
 
 
+def method_settings(kind: str, spec: BenchSpec, profile: dict[str, Any]) -> dict[str, Any]:
+    """One method's settings on the workload: the study's hyperparameters, the profile's levers, overrides."""
+    from peftlab.config import apply_override
+
+    method = {"kind": kind, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
+              "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
+              **STUDY_HYPERPARAMETERS[kind], **profile}
+    if kind == "galore":
+        method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                            "targets": ["attn", "mlp"]}
+    for key, value in METHOD_PROFILE.get((kind, spec.profile), {}).items():
+        method[key] = {**method.get(key, {}), **value}
+    for item in spec.overrides:
+        apply_override(method, item)
+    return method
+
+
 def workload_config(spec: BenchSpec):
-    """The workload as a study config: one method, the profile's batch settings."""
-    from peftlab.config import apply_override, config_from_dict
+    """The workload as a study config: one method (a hybrid: its QLoRA and GaLore stages, one epoch
+    each, with a merge between), the profile's batch settings."""
+    from peftlab.config import config_from_dict
 
     profile = dict(PROFILES.get(spec.profile, {}))
     max_len = profile.pop("max_seq_length", spec.max_seq_length)
     liger = profile.pop("liger_kernel", False)
-    method = {"kind": spec.method, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
-              "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
-              **STUDY_HYPERPARAMETERS[spec.method], **profile}
-    if spec.method == "galore":
-        method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-                            "targets": ["attn", "mlp"]}
-    for key, value in METHOD_PROFILE.get((spec.method, spec.profile), {}).items():
-        method[key] = {**method.get(key, {}), **value}
-    for item in spec.overrides:
-        apply_override(method, item)
+    if spec.method == "hybrid":
+        methods = {kind: method_settings(kind, spec, profile) for kind in HYBRID_STAGES}
+        methods["hybrid"] = {"kind": "hybrid", "stages": [{"method": HYBRID_STAGES[0]}, {"method": "merge"},
+                                                          {"method": HYBRID_STAGES[1]}]}
+    else:
+        methods = {spec.method: method_settings(spec.method, spec, profile)}
     rows = spec.rows_per_source
     raw = {
         "name": "bench",
@@ -115,7 +131,7 @@ def workload_config(spec: BenchSpec):
                  "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
         "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa",
                   "liger_kernel": liger},
-        "methods": {spec.method: method},
+        "methods": methods,
     }
     return config_from_dict(raw, source="bench workload")
 
@@ -154,8 +170,15 @@ def run_ours(spec: BenchSpec) -> dict[str, Any]:
     config, run_dir = prepare_workload(spec)
     metrics = train_method(config, run_dir, spec.method)
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
-    return {"metrics": metrics, "rows": stats["splits"]["train"]["rows"],
-            "mean_seq": stats["splits"]["train"]["mean_tokens"], "max_seq_length": config.data.max_seq_length}
+    shared = {"rows": stats["splits"]["train"]["rows"], "mean_seq": stats["splits"]["train"]["mean_tokens"],
+              "max_seq_length": config.data.max_seq_length}
+    if spec.method == "hybrid":  # one result per trained stage; the merge's time goes with the stage after it
+        merges = [s["merge_time_s"] for s in metrics["stages"] if s["method"] == "merge"]
+        trained = [s for s in metrics["stages"] if s["method"] != "merge"]
+        return {"stages": [{"metrics": stage, **shared, "stage": stage["method"],
+                            **({"merge_s": merges[0]} if index == 1 and merges else {})}
+                           for index, stage in enumerate(trained)]}
+    return {"metrics": metrics, **shared}
 
 
 def run_reference(spec: BenchSpec) -> dict[str, Any]:
@@ -295,6 +318,15 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
     return row
 
 
+def stage_row(spec: BenchSpec, stage: dict[str, Any], gpu: str | None) -> dict[str, Any]:
+    """A hybrid stage's row: method `hybrid:<stage method>` (its reference is that method's)."""
+    row = bench_row(spec, stage, gpu)
+    row["method"] = f"hybrid:{stage['stage']}"
+    if "merge_s" in stage:
+        row["merge_before_s"] = stage["merge_s"]
+    return row
+
+
 def finished_runs(out: Path | None, workload: dict[str, Any]) -> list[dict[str, Any]]:
     """`--resume`: the runs of an earlier report at `out` that finished on the same workload.
 
@@ -320,7 +352,7 @@ def finished_runs(out: Path | None, workload: dict[str, Any]) -> list[dict[str, 
 def plan_order(runs: list[dict[str, Any]], plan: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Runs in the order of the plan (kept and new ones alike); runs outside the plan last."""
     position = {pair: index for index, pair in enumerate(plan)}
-    return sorted(runs, key=lambda run: position.get((run["method"], run["profile"]), len(plan)))
+    return sorted(runs, key=lambda run: position.get((run["method"].split(":")[0], run["profile"]), len(plan)))
 
 
 def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape: str, tokenizer: str,
@@ -329,13 +361,16 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
     from peftlab.rundir import hardware, package_versions
 
     for method in methods:
-        if method not in STUDY_HYPERPARAMETERS:
-            raise UserError(f"bench --methods: unknown method '{method}' (known: {', '.join(STUDY_HYPERPARAMETERS)})")
+        if method not in STUDY_HYPERPARAMETERS and method != "hybrid":
+            raise UserError(f"bench --methods: unknown method '{method}'"
+                            f" (known: {', '.join([*STUDY_HYPERPARAMETERS, 'hybrid'])})")
     for profile in profiles:
         if profile not in PROFILES:
             raise UserError(f"bench --profiles: unknown profile '{profile}' (known: {', '.join(PROFILES)})")
     gpu = hardware().get("gpu")
-    plan = list(dict.fromkeys((m, p) for m in methods for p in ([*profiles, "reference"] if reference else profiles)))
+    # No reference recipe for the hybrid: its stages compare with the QLoRA and GaLore references.
+    plan = list(dict.fromkeys((m, p) for m in methods
+                              for p in ([*profiles, "reference"] if reference and m != "hybrid" else profiles)))
     sources = default_sources(data_dir)
     workload = {"gpu": gpu or "cpu", "shape": shape, "tokenizer": tokenizer, "rows_per_source": rows_per_source, "max_steps": max_steps,
                 "sources": [s["path"] if s["path"].startswith("demo:") else str(Path(s["path"]).resolve())
@@ -346,22 +381,26 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
     if resume:
         report["kept_runs"] = [[r["method"], r["profile"]] for r in done]
     for index, (method, profile) in enumerate(plan, start=1):
-        kept = [r for r in done if r["method"] == method and r["profile"] == profile]
+        kept = [r for r in done if r["method"].split(":")[0] == method and r["profile"] == profile]
         spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps)
-        if kept and kept[0].get("settings") == run_settings(spec):
+        if kept and all(r.get("settings") == run_settings(spec) for r in kept):
             print(f"[{index}/{len(plan)}] {method} / {profile}: kept from {out}", file=sys.stderr, flush=True)
             continue
         if kept:
             print(f"[{index}/{len(plan)}] {method} / {profile}: its settings changed since {out}, running it again",
                   file=sys.stderr, flush=True)
             report["runs"] = [r for r in report["runs"] if r not in kept]
-            report["kept_runs"].remove([method, profile])
+            report["kept_runs"] = [k for k in report["kept_runs"] if k[0].split(":")[0] != method or k[1] != profile]
         print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
             spec = replace(spec, work_dir=work)
             result = _run_worker(spec, Path(work))
-        row = bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile, **result}
-        report["runs"] = plan_order([*report["runs"], row], plan)
+        if "stages" in result:
+            rows = [stage_row(spec, stage, gpu) for stage in result["stages"]]
+        else:
+            rows = [bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile,
+                                                                              **result}]
+        report["runs"] = plan_order([*report["runs"], *rows], plan)
         if out is not None:
             _write(out, report)
     print(format_table(report["runs"]), file=sys.stderr)
@@ -409,18 +448,18 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    head = (f"{'method':<8} {'profile':<10} {'tokens/s':>10} {'steady':>8} {'MFU':>6} {'peak alloc':>11}"
+    head = (f"{'method':<13} {'profile':<10} {'tokens/s':>10} {'steady':>8} {'MFU':>6} {'peak alloc':>11}"
             f" {'reserved':>9} {'step s':>7}")
     lines = [head, "-" * len(head)]
     for run in runs:
         if "error" in run:
-            lines.append(f"{run['method']:<8} {run['profile']:<10} {run['error']}")
+            lines.append(f"{run['method']:<13} {run['profile']:<10} {run['error']}")
             continue
 
         def num(value, fmt: str, width: int, unit: str = "") -> str:
             return (format(value, fmt) + unit if value is not None else "n/a").rjust(width)
 
-        lines.append(f"{run['method']:<8} {run['profile']:<10} {run['tokens_per_s']:>10.0f}"
+        lines.append(f"{run['method']:<13} {run['profile']:<10} {run['tokens_per_s']:>10.0f}"
                      f" {num(run.get('steady_tokens_per_s'), '.0f', 8)} {num(run['mfu'], '.1%', 6)}"
                      f" {num(run['peak_alloc_gib'], '.2f', 11, ' GiB')} {num(run['peak_reserved_gib'], '.2f', 9, ' GiB')}"
                      f" {num(run['step_s_median'], '.2f', 7)}")
