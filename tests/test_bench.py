@@ -67,6 +67,7 @@ def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
     assert qlora["trainable_params"] < galore["trainable_params"] == galore["total_params"]  # adapters, then all
     assert galore["merge_before_s"] > 0 and "merge_before_s" not in qlora
     assert all(r["tokens_per_s"] > 0 and r["optimizer_steps"] == 1 for r in report["runs"])
+    assert all([p["step"] for p in r["loss_curve"]] == [1] for r in report["runs"])  # each stage's own curve
     assert report["runs"][0]["settings"]["kind"] == "hybrid"
     assert "hybrid:galore" in capsys.readouterr().err
 

@@ -164,6 +164,12 @@ def prepare_workload(spec: BenchSpec):
     return config, run_dir
 
 
+def stage_curve(curve: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+    """One hybrid stage's losses from the hybrid's curve, its steps counted from 1."""
+    return [{"step": index, "loss": point["loss"]}
+            for index, point in enumerate((p for p in curve if p["stage"] == stage), start=1)]
+
+
 def run_ours(spec: BenchSpec) -> dict[str, Any]:
     from peftlab.train.runner import train_method
 
@@ -175,7 +181,8 @@ def run_ours(spec: BenchSpec) -> dict[str, Any]:
     if spec.method == "hybrid":  # one result per trained stage; the merge's time goes with the stage after it
         merges = [s["merge_time_s"] for s in metrics["stages"] if s["method"] == "merge"]
         trained = [s for s in metrics["stages"] if s["method"] != "merge"]
-        return {"stages": [{"metrics": stage, **shared, "stage": stage["method"],
+        return {"stages": [{"metrics": {**stage, "loss_curve": stage_curve(metrics["loss_curve"], stage["method"])},
+                            **shared, "stage": stage["method"],
                             **({"merge_s": merges[0]} if index == 1 and merges else {})}
                            for index, stage in enumerate(trained)]}
     return {"metrics": metrics, **shared}
