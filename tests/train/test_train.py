@@ -219,10 +219,11 @@ def test_projected_galore_trains_as_galore_torch_on_summed_gradients(smoke, tmp_
     assert all(0.5 * f < ours <= f * 1.0001 for ours, f in zip(logged, full, strict=True))  # projected <= full
 
 
-def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_path):
+@pytest.mark.parametrize("variant", ["adamw", "adamw8bit"])  # 8-bit: bitsandbytes' states in the checkpoint
+def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_path, variant):
     config, run_dir = smoke
     method = _projected(_method(config, "galore", max_steps=5, save_steps=3, grad_accum=2),
-                        update_proj_gap=2)
+                        update_proj_gap=2, variant=variant)
     whole = train_method(config, run_dir, "galore", method=method, out=tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         train_method(config, run_dir, "galore", method=method, out=tmp_path / "cut", stop_after=3)

@@ -94,10 +94,11 @@ def build(ctx: BuildContext) -> Recipe:
                                f" scale={settings.scale}, proj_type={settings.proj_type}")
         notes["optim_target_modules"] = list(settings.targets)
         return Recipe(model=model, optim="galore_adamw_layerwise", saves="full", notes=notes)
-    if settings.variant == "adamw8bit" and ctx.device != "cuda":
-        raise UserError("galore.variant adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit GaLore kernels); use adamw")
-    if settings.accumulate == "projected":
+    if settings.accumulate == "projected":  # bitsandbytes' own 8-bit Adam: it has CPU kernels too
         return projected_accumulation(model, ctx)
+    if settings.variant == "adamw8bit" and ctx.device != "cuda":
+        raise UserError("galore.variant adamw8bit needs a CUDA GPU (galore-torch's 8-bit GaLore calls"
+                        " torch.cuda.synchronize); use adamw, or accumulate: projected")
     optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else galore_torch.GaLoreAdamW
     optimizer = optimizer_class(param_groups(model, ctx), lr=ctx.method.lr)
     return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}", saves="full", notes=notes)
