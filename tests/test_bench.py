@@ -68,8 +68,23 @@ def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
     assert galore["merge_before_s"] > 0 and "merge_before_s" not in qlora
     assert all(r["tokens_per_s"] > 0 and r["optimizer_steps"] == 1 for r in report["runs"])
     assert all([p["step"] for p in r["loss_curve"]] == [1] for r in report["runs"])  # each stage's own curve
-    assert report["runs"][0]["settings"]["kind"] == "hybrid"
+    settings = report["runs"][0]["settings"]  # what the stages trained with, so --resume sees profile changes
+    assert settings["hybrid"]["kind"] == "hybrid" and settings["qlora"]["batch_size"] == 16
+    assert settings["galore"]["loss_chunk_tokens"] == 1024  # the fast profile's, not a default
     assert "hybrid:galore" in capsys.readouterr().err
+    # --resume keeps both stage rows when nothing changed, and re-runs both when a stage's settings did.
+    args = ["bench", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
+            "--rows-per-source", "8", "--max-steps", "1", "--out", str(out), "--resume"]
+    assert main(args) == 0
+    assert "hybrid / fast: kept from" in capsys.readouterr().err
+    assert json.loads(out.read_text())["kept_runs"] == [["hybrid:qlora", "fast"], ["hybrid:galore", "fast"]]
+    changed = json.loads(out.read_text())
+    changed["runs"][1]["settings"]["galore"]["lr"] = 1.0
+    out.write_text(json.dumps(changed))
+    assert main(args) == 0
+    assert "hybrid / fast: its settings changed since" in capsys.readouterr().err
+    rerun = json.loads(out.read_text())
+    assert [r["method"] for r in rerun["runs"]] == ["hybrid:qlora", "hybrid:galore"] and rerun["kept_runs"] == []
 
 
 def test_unknown_method_is_a_user_error(capsys):

@@ -296,8 +296,11 @@ def run_settings(spec: BenchSpec) -> dict[str, Any]:
     whose profile has changed since."""
     if spec.profile == "reference":
         return {"reference": STUDY_HYPERPARAMETERS.get(spec.method, {})}
-    method = workload_config(spec).methods[spec.method]
-    return json.loads(json.dumps(asdict(method), default=str))
+    methods = workload_config(spec).methods
+    if spec.method == "hybrid":  # what its stages train with
+        return json.loads(json.dumps({name: asdict(methods[name]) for name in (*HYBRID_STAGES, "hybrid")},
+                                     default=str))
+    return json.loads(json.dumps(asdict(methods[spec.method]), default=str))
 
 
 def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[str, Any]:
@@ -412,6 +415,7 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
             _write(out, report)
     print(format_table(report["runs"]), file=sys.stderr)
     if out is not None:
+        _write(out, report)  # also when every run was kept
         plot_loss_curves(report["runs"], out.with_suffix(".loss.png"))
     return report
 

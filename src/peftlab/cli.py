@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(study, optional=True)
 
     bench = commands.add_parser("bench", help="time the BASELINE.md training workload: our profiles vs the reference")
-    bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full")
+    bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full, hybrid")
     bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, fast-liger, fast-compile, lowmem")
     bench.add_argument("--reference", action="store_true", help="also run the study's TRL SFTTrainer recipe")
     bench.add_argument("--shape", default="builtin:gemma-3-1b", help="model config (random weights)")

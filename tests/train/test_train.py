@@ -229,6 +229,7 @@ def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_pat
         train_method(config, run_dir, "galore", method=method, out=tmp_path / "cut", stop_after=3)
     resumed = train_method(config, run_dir, "galore", method=method, out=tmp_path / "cut", resume=True)
     assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert resumed["optimizer"] == whole["optimizer"] == f"galore_{variant}_projected"
     assert [p["loss"] for p in resumed["loss_curve"]] == pytest.approx([p["loss"] for p in whole["loss_curve"]],
                                                                        rel=1e-5, abs=1e-6)
 
@@ -242,6 +243,25 @@ def test_a_hybrid_with_a_single_process_galore_stage_is_refused_before_training(
     with pytest.raises(UserError, match="method 'hybrid': galore with accumulate projected"):
         check_single_process(config, "hybrid", config.method("hybrid"))
     check_single_process(config, "qlora", config.method("qlora"))  # nothing to refuse
+
+
+def test_a_finished_method_leaves_no_embedding_in_bitsandbytes_manager(smoke, tmp_path):
+    """transformers' Trainer registers embeddings with bitsandbytes' process-wide optimizer manager; a
+    hybrid's next stage must not carry the previous stage's embedding (0.56 GiB for the 1B)."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+
+    config, run_dir = smoke
+    train_method(config, run_dir, "qlora", method=_method(config, "qlora", max_steps=1), out=tmp_path / "q")
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    assert manager.module_weight_config_triple == []
+    gc.collect()
+    embeddings = [weakref.ref(o) for o in gc.get_objects()
+                  if isinstance(o, torch.nn.Embedding) and o.weight.shape[0] == VOCAB]
+    gc.collect()
+    assert not [ref for ref in embeddings if ref() is not None]  # nothing keeps the stage's embedding alive
 
 
 def test_layerwise_galore_refuses_gradient_accumulation(smoke, tmp_path):
