@@ -55,9 +55,7 @@ def projected_accumulation(model: nn.Module, ctx: BuildContext) -> Recipe:
     """`galore.accumulate: projected` (see `galore_projected`); clips gradients itself."""
     from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
 
-    settings = ctx.method.galore
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("galore.accumulate projected is single-GPU (its hooks own the gradients); use full with --gpus")
+    settings = ctx.method.galore  # several processes: refused before training (runner.check_single_process)
     projected, decayed, plain = split_parameters(model, ctx)
     others = [group for group in ({"params": decayed, "weight_decay": ctx.method.weight_decay},
                                   {"params": plain, "weight_decay": 0.0}) if group["params"]]
