@@ -95,6 +95,42 @@ class ProfileSteps(TrainerCallback):
             self.profiler.stop()
 
 
+# Kernel-name fragments per category, first match wins (cuBLAS/cutlass GEMMs, PyTorch's attention kernels,
+# bitsandbytes' kernels, which all start with "k" + CamelCase, cuSOLVER's SVD/eigensolvers).
+KERNEL_CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
+    ("vocabulary softmax", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("linear algebra (SVD, eigh, QR)", ("gesvd", "syevd", "syevj", "geqrf", "orgqr", "ormqr", "lapack", "magma",
+                                        "cusolver", "svd", "sytrd", "stedc", "larf", "potrf")),
+    ("bitsandbytes (4-bit dequantise, 8-bit optimizer)", ("kdequantize", "kquantize", "koptimizer", "kgemm",
+                                                         "kpreconditionoptimizer", "bitsandbytes")),
+    ("triton (liger, compiled)", ("triton",)),
+    ("element-wise, copies, reductions", ("elementwise", "copy", "reduce", "fill", "catarray", "index",
+                                          "scatter", "gather", "foreach", "bernoulli", "fused_dropout",
+                                          "where", "cat_", "memcpy", "memset")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def time_by_category(kernels: list, steps: int) -> dict[str, dict[str, float]]:
+    """GPU milliseconds and launches per step, per kernel category, largest first."""
+    totals: dict[str, list[float]] = {}
+    for event in kernels:
+        entry = totals.setdefault(kernel_category(event.key), [0.0, 0])
+        entry[0] += event.self_device_time_total / 1e3
+        entry[1] += event.count
+    ordered = sorted(totals.items(), key=lambda item: -item[1][0])
+    return {name: {"gpu_ms_per_step": ms / steps, "launches_per_step": count / steps} for name, (ms, count) in ordered}
+
+
 def top_ops(profiler, key: str, count: int = 20) -> list[dict]:
     rows = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:count]
     return [{"op": e.key, "calls": e.count, "self_gpu_ms": e.self_device_time_total / 1e3,
@@ -162,6 +198,8 @@ def profile_one(method: str, profile: str, args) -> dict:
         "method": method, "profile": profile, "profiled_steps": steps,
         "wall_ms_per_step": callback.wall * 1e3 / steps, "gpu_busy_ms_per_step": gpu_busy_ms / steps,
         "gpu_busy_fraction": gpu_busy_ms / (callback.wall * 1e3) if callback.wall else None,
+        "kernel_launches_per_step": sum(e.count for e in kernels) / steps,
+        "gpu_time_by_category": time_by_category(kernels, steps),
         "memory_at_train_start_gib": callback.memory_at_start / 2**30,
         "peak_alloc_gib": metrics["peak_gpu_alloc_gib"], "tokens_per_s": metrics["tokens_per_s"],
         "top_gpu_ops": top_ops(callback.profiler, "self_device_time_total"),
@@ -209,6 +247,8 @@ def main() -> int:
               flush=True)
         for site in last.get("sites", [])[:12]:
             print(f"  {site['mib']:9.1f} MiB {site['blocks']:6d} blocks  {site['site']}", flush=True)
+        for category, row in last.get("gpu_time_by_category", {}).items():
+            print(f"  {row['gpu_ms_per_step']:8.1f} GPU ms/step {row['launches_per_step']:8.0f} launches  {category}", flush=True)
         for span in last.get("spans", [])[:12]:
             print(f"  {span['peak_mib']:9.1f} MiB  {span['span']}", flush=True)
     return 0
