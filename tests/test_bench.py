@@ -37,6 +37,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
         ("lora", "fast", True), ("lora", "lowmem", None)]
     assert "lora / fast: kept from" in capsys.readouterr().err
     assert resumed["kept_runs"] == [["lora", "fast"]]
+    assert len(resumed["commands"]) == 2 and resumed["commands"][0] == report["command"]  # both invocations
     assert resumed["runs"][1]["settings"]["lora"]["dropout"] == 0.05  # what the run trained with
     # A kept run whose profile's settings changed since is run again, not mixed in.
     changed = {**resumed, "runs": [{**resumed["runs"][0], "settings": {**resumed["runs"][0]["settings"], "lr": 1.0}},

@@ -359,6 +359,13 @@ def finished_runs(out: Path | None, workload: dict[str, Any]) -> list[dict[str, 
     return [run for run in earlier["runs"] if isinstance(run, dict) and "error" not in run]
 
 
+def _earlier_commands(out: Path | None) -> list[str]:
+    if out is None or not out.exists():
+        return []
+    earlier = json.loads(out.read_text())  # finished_runs has checked it
+    return list(earlier.get("commands") or [earlier["command"]])
+
+
 def plan_order(runs: list[dict[str, Any]], plan: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Runs in the order of the plan (kept and new ones alike); runs outside the plan last."""
     position = {pair: index for index, pair in enumerate(plan)}
@@ -386,10 +393,13 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
                 "sources": [s["path"] if s["path"].startswith("demo:") else str(Path(s["path"]).resolve())
                             for s in sources]}
     done = finished_runs(out, workload) if resume else []
+    command = " ".join(["peftlab", *sys.argv[1:]])
     report: dict[str, Any] = {"gpu": gpu or "cpu", "versions": package_versions(),
-                              "command": " ".join(["peftlab", *sys.argv[1:]]), "workload": workload, "runs": done}
+                              "command": command, "workload": workload, "runs": done}
     if resume:
         report["kept_runs"] = [[r["method"], r["profile"]] for r in done]
+        # Every invocation that wrote this report, oldest first (the kept runs come from the earlier ones).
+        report["commands"] = [*_earlier_commands(out), command]
     for index, (method, profile) in enumerate(plan, start=1):
         kept = [r for r in done if r["method"].split(":")[0] == method and r["profile"] == profile]
         spec = BenchSpec(method, profile, shape, tokenizer, sources, rows_per_source, 1024, max_steps)

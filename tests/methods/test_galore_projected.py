@@ -11,6 +11,7 @@ import torch
 from galore_torch import GaLoreAdamW
 from torch import nn
 
+from peftlab.methods.galore_basis import seed_projectors
 from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
 from peftlab.train import vocab_loss
 from peftlab.train.runner import target_token_loss_sum
@@ -78,43 +79,56 @@ def _ours(model: TinyLM, batches, optimizer: ProjectedGaLore | None = None) -> l
     return snapshots
 
 
-def _projected(model: TinyLM, max_grad_norm: float = 0.0, gram_min_elements: int = 10**9) -> ProjectedGaLore:
-    # The 40 x 12 embedding takes the G^T G path, the 20 x 12 matrix galore-torch's SVD.
+def _projected(model: TinyLM, max_grad_norm: float = 0.0, gram_min_elements: int = 10**9,
+               projection: str = "gram") -> ProjectedGaLore:
+    # With projection svd: a target of >= gram_min_elements takes the G^T G path, the others galore-torch's SVD.
     optimizer = ProjectedGaLore(model.targets(), model.others(), lr=LR, rank=RANK, update_proj_gap=GAP,
                                 scale=SCALE, weight_decay=DECAY, max_grad_norm=max_grad_norm, eight_bit=False,
-                                gram_min_elements=gram_min_elements)
+                                projection=projection, gram_min_elements=gram_min_elements)
     route_embedding_gradient(model.embed, optimizer)
     return optimizer
 
 
-@pytest.mark.parametrize("gram", [False, True])
+@pytest.mark.parametrize("gram", ["none", "embedding", "all"])
 def test_same_weights_as_galore_torch_on_the_summed_gradients(gram):
-    """With galore-torch's SVD for every target, the same weights at every step. With the embedding's
-    projection from G^T G, the same until the projection is first recomputed (step 2): both bases span
-    the same subspace, but the eigenvectors' signs are not the SVD's, and GaLore carries its Adam
-    moments over into the new basis, so later steps differ as any other sign choice would."""
+    """With galore-torch's SVD for every target, the same weights at every step. With projections from
+    the Gram matrix (the embedding's only, as `projection: svd` does for huge matrices, or every one,
+    the default), the same until the projection is first recomputed (step 2): both bases span the same
+    subspace, but the eigenvectors' signs are not the SVD's, and GaLore carries its Adam moments over
+    into the new basis, so later steps differ as any other sign choice would."""
     torch.manual_seed(0)
     model = TinyLM()
     twin = copy.deepcopy(model)
     batches = _batches(steps=5, micro=3)  # projections recomputed at steps 0, 2 and 4
     expected = _reference(model, batches)
-    ours = _ours(twin, batches, _projected(twin, gram_min_elements=400 if gram else 10**9))
-    for step, (a, b) in enumerate(zip(ours[:2] if gram else ours, expected, strict=False)):
+    optimizer = _projected(twin, gram_min_elements=400 if gram == "embedding" else 10**9,
+                           projection="gram" if gram == "all" else "svd")
+    ours = _ours(twin, batches, optimizer)
+    for step, (a, b) in enumerate(zip(ours[:2] if gram != "none" else ours, expected, strict=False)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=f"step {step}")
     assert (expected[-1] - expected[0]).abs().max() > 1e-3  # the weights did train
 
 
-def test_the_gram_projection_spans_the_svd_subspace():
+@pytest.mark.parametrize("tall", [True, False])
+def test_the_gram_projection_spans_the_svd_subspace(tall, monkeypatch):
+    from peftlab.methods import galore_projected
+
+    monkeypatch.setattr(galore_projected, "ROW_BLOCK", 700)  # 3000 rows or columns: blocks of 700, ..., 200
     torch.manual_seed(0)
     gradient = torch.randn(3000, 40) @ torch.diag(torch.linspace(3, 0.1, 40))  # distinct singular values
-    param = nn.Parameter(torch.zeros(3000, 40))
+    gradient = gradient if tall else gradient.t().contiguous()
+    param = nn.Parameter(torch.zeros(gradient.shape))
     optimizer = ProjectedGaLore([param], [], lr=LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, weight_decay=0.0,
-                                max_grad_norm=0.0, eight_bit=False, gram_min_elements=1)
+                                max_grad_norm=0.0, eight_bit=False)
     optimizer._set_projection(param, gradient.clone())
-    right = torch.linalg.svd(gradient, full_matrices=False).Vh[:RANK]
+    u, _, vh = torch.linalg.svd(gradient, full_matrices=False)
     ours = optimizer.ortho[param]
-    torch.testing.assert_close(ours.t() @ ours, right.t() @ right, atol=1e-4, rtol=0)
-    torch.testing.assert_close(optimizer.projected[param], gradient @ ours.t())
+    if tall:  # r x 40 rows of the right factor
+        torch.testing.assert_close(ours.t() @ ours, vh[:RANK].t() @ vh[:RANK], atol=1e-5, rtol=0)
+        torch.testing.assert_close(optimizer.projected[param], gradient @ ours.t())
+    else:  # 40 x r columns of the left factor
+        torch.testing.assert_close(ours @ ours.t(), u[:, :RANK] @ u[:, :RANK].t(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(optimizer.projected[param], ours.t() @ gradient)
 
 
 def test_clipping_uses_the_norm_of_the_projected_gradients():
@@ -213,9 +227,11 @@ def test_a_target_unused_until_a_later_step_gets_its_projection_then():
     assert set(optimizer.ortho) == set(model.targets()) and not optimizer.host
 
 
-def test_eight_bit_states_match_galore_torch_8bit(monkeypatch):
+@pytest.mark.parametrize("projection", ["svd", "gram"])
+def test_eight_bit_states_match_galore_torch_8bit(monkeypatch, projection):
     """The bench's lowmem GaLore: the same weights as galore-torch's GaLoreAdamW8bit given the same summed
     gradients (bitsandbytes' CPU kernels; GaLoreAdamW8bit calls torch.cuda.synchronize, a no-op here).
+    With `gram`, galore-torch's optimizer gets `GramProjector`s (what `galore.projection: gram` does to it).
     Projected shapes of at least 4,096 elements (8-bit states): for smaller ones galore-torch's 8-bit
     optimizer on the CPU barely moves the weight (1e-5 where an Adam step of lr 1e-2 x scale moves ~3e-3),
     which ours does not reproduce."""
@@ -229,8 +245,11 @@ def test_eight_bit_states_match_galore_torch_8bit(monkeypatch):
     reference = GaLoreAdamW8bit([{"params": targets, "rank": 8, "update_proj_gap": 2, "scale": SCALE,
                                   "proj_type": "std", "weight_decay": DECAY},
                                  {"params": others, "weight_decay": 0.0}], lr=1e-2)
+    if projection == "gram":
+        assert seed_projectors(reference) == 2
     ours = ProjectedGaLore(twins[:2], [{"params": twins[2:], "weight_decay": 0.0}], lr=1e-2, rank=8,
-                           update_proj_gap=2, scale=SCALE, weight_decay=DECAY, max_grad_norm=0.0, eight_bit=True)
+                           update_proj_gap=2, scale=SCALE, weight_decay=DECAY, max_grad_norm=0.0, eight_bit=True,
+                           projection=projection)
     generator = torch.Generator().manual_seed(3)
     start = [p.detach().clone() for p in targets]
     for step in range(5):  # projections at steps 0, 2 and 4

@@ -174,9 +174,13 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradient():
 
 
 @pytest.mark.parametrize("variant", ["adamw8bit", "layerwise"])
-def test_galore_variants_train(smoke, tmp_path, variant):
+def test_galore_variants_train(smoke, tmp_path, variant, monkeypatch):
     from peftlab.errors import UserError
+    from peftlab.methods import galore_basis
 
+    seeded: list[int] = []
+    real_seed = galore_basis.seed_projectors
+    monkeypatch.setattr(galore_basis, "seed_projectors", lambda optimizer: seeded.append(real_seed(optimizer)))
     config, run_dir = smoke
     method = _method(config, "galore", max_steps=2, grad_accum=1)
     method = replace(method, galore=replace(method.galore, variant=variant))
@@ -187,6 +191,9 @@ def test_galore_variants_train(smoke, tmp_path, variant):
     metrics = train_method(config, run_dir, "galore", method=method, out=tmp_path / variant)
     assert metrics["optimizer"] in ("galore_adamw8bit", "galore_adamw_layerwise")
     assert metrics["optimizer_steps"] == 2 and all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
+    # galore.projection gram (the default): every projected weight got a GramProjector; layer-wise, one
+    # optimizer per weight (transformers' optimizer_dict), some of them GaLore's.
+    assert sum(seeded) >= 4 and (variant != "layerwise" or len(seeded) > sum(seeded))
 
 
 def _projected(method, **galore_changes):

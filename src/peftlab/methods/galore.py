@@ -1,5 +1,6 @@
 """GaLore: all weights train; the gradients of the targeted 2-D projections (default: attention and
-MLP) are projected to rank r before the Adam update (galore-torch's GaLoreAdamW), every other
+MLP) are projected to rank r before the Adam update (galore-torch's GaLoreAdamW; the rank-r basis
+from `galore_basis` unless `galore.projection: svd`), every other
 parameter gets plain AdamW. Variants: `adamw`, `adamw8bit`, and `layerwise` (the update runs
 inside backward, one parameter at a time, so no full gradient set is ever held); `accumulate:
 projected` sums micro-batches' gradients at rank r instead of at full size (`galore_projected`)."""
@@ -62,14 +63,14 @@ def projected_accumulation(model: nn.Module, ctx: BuildContext) -> Recipe:
     optimizer = ProjectedGaLore(projected, others, lr=ctx.method.lr, rank=settings.rank,
                                 update_proj_gap=settings.update_proj_gap, scale=settings.scale,
                                 weight_decay=ctx.method.weight_decay, max_grad_norm=ctx.method.max_grad_norm,
-                                eight_bit=settings.variant == "adamw8bit")
+                                eight_bit=settings.variant == "adamw8bit", projection=settings.projection)
     embedding = model.get_input_embeddings()
     if any(p is embedding.weight for p in projected):
         try:
             route_embedding_gradient(embedding, optimizer)
         except TypeError as error:
             raise UserError(f"galore.accumulate projected with the embedding as a target: {error}") from None
-    notes = {"galore_targets": len(projected), "galore_accumulate": "projected"}
+    notes = {"galore_targets": len(projected), "galore_accumulate": "projected", "galore_projection": settings.projection}
     return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}_projected", saves="full",
                   notes=notes, clips_gradients=True)
 
@@ -91,6 +92,7 @@ def build(ctx: BuildContext) -> Recipe:
         notes["optim_args"] = (f"rank={settings.rank}, update_proj_gap={settings.update_proj_gap},"
                                f" scale={settings.scale}, proj_type={settings.proj_type}")
         notes["optim_target_modules"] = list(settings.targets)
+        notes["galore_projection"] = settings.projection  # seeded when the Trainer builds its optimizers
         return Recipe(model=model, optim="galore_adamw_layerwise", saves="full", notes=notes)
     if settings.accumulate == "projected":  # bitsandbytes' own 8-bit Adam: it has CPU kernels too
         return projected_accumulation(model, ctx)
@@ -99,4 +101,9 @@ def build(ctx: BuildContext) -> Recipe:
                         " torch.cuda.synchronize); use adamw, or accumulate: projected")
     optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else galore_torch.GaLoreAdamW
     optimizer = optimizer_class(param_groups(model, ctx), lr=ctx.method.lr)
+    if settings.projection == "gram":
+        from peftlab.methods.galore_basis import seed_projectors
+
+        seed_projectors(optimizer)
+    notes["galore_projection"] = settings.projection
     return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}", saves="full", notes=notes)

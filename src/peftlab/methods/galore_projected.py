@@ -11,12 +11,12 @@ projected at the step, so the projections are GaLore's own.
 
 The tied 262k-row embedding never gets a full gradient on the GPU: the vocabulary loss
 (`train/vocab_loss.py`) and the lookup (`route_embedding_gradient`) hand their gradients to this
-optimizer in row blocks. A matrix that large takes its projection from the eigenvectors of G^T G,
-summed block by block, instead of an SVD, which would need fp32 copies of the whole matrix.
+optimizer in row blocks. Projections come from the eigenvectors of the Gram matrix summed block by
+block (`galore_basis`), so no fp32 copy of the whole matrix is made on the device; with
+`projection: svd` only matrices that large do.
 
 galore-torch updates layer by layer without accumulation but never accumulates in the projected
-space, so this is written here; the SVD, the back-projection and the Adam updates are
-galore-torch's / bitsandbytes'. Gradient clipping uses the norm of the gradients the update sees
+space, so this is written here; the Adam updates are galore-torch's / bitsandbytes'. Gradient clipping uses the norm of the gradients the update sees
 (the targets' projected ones and the other parameters'). Single process only.
 """
 
@@ -31,11 +31,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from peftlab.errors import UserError
+from peftlab.methods.galore_basis import ROW_BLOCK, basis_from_gram, gram_of_row_blocks
 
-# A tall target with at least this many elements takes its projection from G^T G (see the docstring).
+# With `projection: svd`, a tall target with at least this many elements still takes its projection from
+# G^T G (see the docstring).
 GRAM_MIN_ELEMENTS = 32 * 1024 * 1024
-# Rows per block when a host-summed gradient is moved to the device.
-ROW_BLOCK = 8192
 # Embedding classes whose forward is nn.Embedding's times `embed_scale` (what the routed lookup computes).
 SCALED_EMBEDDINGS = {"Gemma3TextScaledWordEmbedding"}
 
@@ -46,13 +46,13 @@ class ProjectedGaLore(torch.optim.Optimizer):
 
     def __init__(self, targets: list[nn.Parameter], others: list[dict[str, Any]], *, lr: float, rank: int,
                  update_proj_gap: int, scale: float, weight_decay: float, max_grad_norm: float,
-                 eight_bit: bool, gram_min_elements: int = GRAM_MIN_ELEMENTS) -> None:
+                 eight_bit: bool, projection: str = "gram", gram_min_elements: int = GRAM_MIN_ELEMENTS) -> None:
         super().__init__([{"params": list(targets), "weight_decay": weight_decay}, *others],
                          {"lr": lr, "weight_decay": 0.0})
         self.targets = list(targets)
         self.rank, self.update_proj_gap, self.scale = rank, update_proj_gap, scale
         self.max_grad_norm = max_grad_norm
-        self.gram_min_elements = gram_min_elements
+        self.projection, self.gram_min_elements = projection, gram_min_elements
         self.steps_taken = 0
         self.last_grad_norm: float | None = None
         self.ortho: dict[nn.Parameter, torch.Tensor] = {}
@@ -188,28 +188,30 @@ class ProjectedGaLore(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _set_projection(self, param: nn.Parameter, summed: torch.Tensor) -> None:
-        """The step's projection from its whole gradient (rounded to the weight's dtype, as galore-torch
-        sees it), and the projected gradient."""
-        device, dtype = param.device, param.dtype
-        if self._tall(param) and summed.numel() >= self.gram_min_elements:
-            gram = torch.zeros(summed.shape[1], summed.shape[1], dtype=torch.float32, device=device)
-            for start in range(0, summed.shape[0], ROW_BLOCK):
-                block = summed[start:start + ROW_BLOCK].to(dtype).to(device).float()
-                gram.addmm_(block.t(), block)
-            _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues: the top ones last
-            self.ortho[param] = vectors[:, -self._kept(param):].flip(-1).t().contiguous().to(dtype)
-            projected = self._projected_sum(param)
-            for start in range(0, summed.shape[0], ROW_BLOCK):
-                block = summed[start:start + ROW_BLOCK].to(dtype).to(device)
-                projected[start:start + ROW_BLOCK] = block @ self.ortho[param].t()
-            return
-        from galore_torch.galore_projector import GaLoreProjector
+        """The step's projection from its whole gradient (host-summed, rounded to the weight's dtype, as
+        galore-torch sees it), and the projected gradient; both computed block by block on the device."""
+        device, dtype, tall = param.device, param.dtype, self._tall(param)
+        if self.projection == "svd" and not (tall and summed.numel() >= self.gram_min_elements):
+            from galore_torch.galore_projector import GaLoreProjector
 
-        grad = summed.to(dtype).to(device)
-        side = "right" if self._tall(param) else "left"
-        self.ortho[param] = GaLoreProjector(self.rank).get_orthogonal_matrix(grad, self.rank, side)
-        ortho = self.ortho[param]
-        self.projected[param] = grad @ ortho.t() if self._tall(param) else ortho.t() @ grad
+            grad = summed.to(dtype).to(device)
+            self.ortho[param] = GaLoreProjector(self.rank).get_orthogonal_matrix(grad, self.rank, "right" if tall else "left")
+            self.projected[param] = grad @ self.ortho[param].t() if tall else self.ortho[param].t() @ grad
+            return
+        rows = summed if tall else summed.t()  # the Gram matrix of its rows is G^T G (tall) or G G^T (wide)
+
+        def blocks():
+            for start in range(0, rows.shape[0], ROW_BLOCK):
+                yield start, rows[start:start + ROW_BLOCK].to(dtype).to(device)
+
+        gram = gram_of_row_blocks((block for _, block in blocks()), rows.shape[1], device)
+        basis = self.ortho[param] = basis_from_gram(gram, self._kept(param), "right" if tall else "left", dtype)
+        projected = self._projected_sum(param)
+        for start, block in blocks():
+            if tall:  # rows of G times the r x n basis
+                projected[start:start + block.shape[0]] = block @ basis.t()
+            else:  # columns of G: U_r^T G[:, s:e], as galore-torch's U_r^T G computes them
+                projected[:, start:start + block.shape[0]] = basis.t() @ block.t()
 
     # -- checkpoints (--resume) ----------------------------------------------------------------------------
 

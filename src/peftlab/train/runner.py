@@ -130,12 +130,23 @@ class TargetTokenTrainer(Trainer):
     loss_chunk_tokens: int = 256
     micro_batch_tokens: int | None = None
     _batch_targets: torch.Tensor | None = None
+    # Layer-wise GaLore with `galore.projection: gram`: transformers builds one optimizer per weight.
+    seed_galore_projectors: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled:
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
             enable_target_token_forward(base_model(self.model))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.seed_galore_projectors:
+            from peftlab.methods.galore_basis import seed_projectors
+
+            for inner in getattr(optimizer, "optimizer_dict", None) or {}:
+                seed_projectors(optimizer.optimizer_dict[inner])
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
@@ -280,12 +291,14 @@ def drop_tied_head(directory: Path) -> bool:
 
 
 def allow_galore_checkpoints() -> None:
-    """GaLore's optimizer state holds projector objects; allow exactly that class in weights-only loads."""
+    """GaLore's optimizer state holds projector objects; allow exactly those classes in weights-only loads."""
     try:
         from galore_torch.galore_projector import GaLoreProjector
+
+        from peftlab.methods.galore_basis import GramProjector
     except ImportError:
         return
-    torch.serialization.add_safe_globals([GaLoreProjector])
+    torch.serialization.add_safe_globals([GaLoreProjector, GramProjector])
 
 
 def check_single_process(config: StudyConfig, name: str, method: MethodConfig) -> None:
@@ -431,6 +444,7 @@ def train_method(
     )
     trainer.loss_chunk_tokens = method.loss_chunk_tokens
     trainer.micro_batch_tokens = method.micro_batch_tokens
+    trainer.seed_galore_projectors = recipe.optim == "galore_adamw_layerwise" and method.galore.projection == "gram"
     with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if method.torch_compile:

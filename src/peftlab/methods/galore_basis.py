@@ -1,0 +1,73 @@
+"""GaLore's projection basis from the eigenvectors of the gradient's smaller Gram matrix, in fp64.
+
+GaLore (`proj_type: std`) projects a gradient G (m x n) onto its top-r singular vectors: the right
+ones (r x n rows) when G is tall, the left ones (m x r) when it is wide. galore-torch computes a full
+`torch.linalg.svd` of G per weight; on an H200 that took 9.9 s for Gemma-3-1B's 183 targets, most of
+the first step of a short run (`benchmarks/results/h200-2026-11-29-galore-projection.json`). The
+same vectors are the top eigenvectors of G^T G (tall) or G G^T (wide), a min(m, n)-sized symmetric
+problem: in fp64 (Gram matrix and eigensolver) the subspace matches the SVD's to fp32 precision
+(same file), 5.8x faster. Eigenvector signs are arbitrary, as the SVD's are.
+
+The Gram matrix is summed over row blocks, so no fp64 copy of a large gradient (the 262k-row tied
+embedding) is ever whole. `GramProjector` is galore-torch's projector with this basis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from galore_torch.galore_projector import GaLoreProjector
+
+# Rows of a gradient converted to fp64 at a time (8192 x 1152 fp64 = 75 MB).
+ROW_BLOCK = 8192
+
+
+def gram_of_row_blocks(blocks: Iterable[torch.Tensor], size: int, device: torch.device | str) -> torch.Tensor:
+    """The fp64 sum of block^T block over `blocks` (each k x size): the Gram matrix of their rows."""
+    gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+    for block in blocks:
+        block = block.to(device=device, dtype=torch.float64)
+        gram.addmm_(block.t(), block)
+    return gram
+
+
+def basis_from_gram(gram: torch.Tensor, rank: int, side: Literal["left", "right"], dtype: torch.dtype) -> torch.Tensor:
+    """The top-`rank` eigenvectors of `gram`, as galore-torch lays out its basis: `right` r x n rows
+    (Vh[:r]), `left` m x r columns (U[:, :r]); largest eigenvalue first."""
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    top = vectors[:, -min(rank, gram.shape[0]):].flip(-1)
+    return (top.t() if side == "right" else top).contiguous().to(dtype)
+
+
+def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "right"]) -> torch.Tensor:
+    """galore-torch's `get_orthogonal_matrix(grad, rank, side)` for `left` / `right`, in `grad`'s dtype."""
+    rows = grad if side == "right" else grad.t()  # the Gram matrix of `rows`' rows is G^T G or G G^T
+    blocks = (rows[start:start + ROW_BLOCK] for start in range(0, rows.shape[0], ROW_BLOCK))
+    return basis_from_gram(gram_of_row_blocks(blocks, rows.shape[1], grad.device), rank, side, grad.dtype)
+
+
+class GramProjector(GaLoreProjector):
+    """galore-torch's projector (same project / project_back, same refresh schedule) with the basis
+    from `top_singular_basis`; `proj_type: full` keeps galore-torch's SVD (it needs both sides)."""
+
+    def get_orthogonal_matrix(self, weights, rank, type):  # galore-torch names its argument `type`
+        if type in ("left", "right"):
+            return top_singular_basis(weights.data, rank, type)
+        return super().get_orthogonal_matrix(weights, rank, type)
+
+
+def seed_projectors(optimizer: torch.optim.Optimizer) -> int:
+    """Give every GaLore-projected parameter of a galore-torch optimizer a `GramProjector`: its step
+    creates a `GaLoreProjector` only for a state without one. Returns how many were seeded."""
+    seeded = 0
+    for group in optimizer.param_groups:
+        if "rank" not in group:
+            continue
+        for param in group["params"]:
+            optimizer.state[param]["projector"] = GramProjector(
+                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                proj_type=group["proj_type"])
+            seeded += 1
+    return seeded

@@ -1,0 +1,84 @@
+"""GaLore's basis from the fp64 Gram matrix: the SVD's subspace, block-summed, and galore-torch's
+optimizer using it through `seed_projectors`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from galore_torch import GaLoreAdamW
+from galore_torch.galore_projector import GaLoreProjector
+from torch import nn
+
+from peftlab.methods import galore_basis
+from peftlab.methods.galore_basis import GramProjector, seed_projectors, top_singular_basis
+
+
+def _gradient(rows: int, cols: int) -> torch.Tensor:
+    """A gradient with distinct singular values (a subspace the rank cut does not split)."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=generator)).Q
+    return left @ torch.diag(torch.linspace(5, 0.1, min(rows, cols))) @ right.t()
+
+
+@pytest.mark.parametrize("shape", [(300, 24), (24, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gram_basis_spans_galore_torchs_svd_subspace(shape, dtype, monkeypatch):
+    monkeypatch.setattr(galore_basis, "ROW_BLOCK", 64)  # 300 rows (or columns) summed in 5 blocks
+    grad = _gradient(*shape).to(dtype)
+    side = "right" if shape[0] >= shape[1] else "left"
+    ours = top_singular_basis(grad, 6, side)
+    theirs = GaLoreProjector(6).get_orthogonal_matrix(grad, 6, side)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    ours, theirs = ours.float(), theirs.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the bases' own rounding
+    if side == "right":  # r x n rows: the same projector onto the row space
+        torch.testing.assert_close(ours.t() @ ours, theirs.t() @ theirs, atol=tolerance, rtol=0)
+    else:
+        torch.testing.assert_close(ours @ ours.t(), theirs @ theirs.t(), atol=tolerance, rtol=0)
+
+
+def test_a_rank_above_the_smaller_side_keeps_every_vector():
+    grad = _gradient(40, 6)
+    basis = top_singular_basis(grad, 10, "right")
+    assert basis.shape == GaLoreProjector(10).get_orthogonal_matrix(grad, 10, "right").shape == (6, 6)
+    torch.testing.assert_close(basis @ basis.t(), torch.eye(6), atol=1e-6, rtol=0)
+
+
+def test_galore_torch_with_gram_projectors_trains_as_with_its_svd_until_the_refresh():
+    """Adam is element-wise and the update is projected back by the same basis, so the bases' sign
+    choices cancel until the projection is recomputed (step 3 here); then GaLore carries its moments into
+    a basis whose signs differ, so later steps differ as another SVD's sign choice would make them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 40, bias=False), nn.Tanh(), nn.Linear(40, 16, bias=False))
+    twin = copy.deepcopy(model)
+
+    def optimizer_for(net):
+        return GaLoreAdamW([{"params": [net[0].weight, net[2].weight], "rank": 4, "update_proj_gap": 3,
+                             "scale": 0.25, "proj_type": "std", "weight_decay": 0.01}], lr=1e-2,
+                           no_deprecation_warning=True)
+
+    start = model[0].weight.detach().clone()
+    plain, ours = optimizer_for(model), optimizer_for(twin)
+    assert seed_projectors(ours) == 2
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        inputs = torch.randn(8, 16, generator=generator)
+        for net, optimizer in ((model, plain), (twin, ours)):
+            net(inputs).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"step {step}")
+    assert all(isinstance(ours.state[p]["projector"], GramProjector) for p in twin.parameters())
+    assert (model[0].weight - start).abs().max() > 1e-3  # the weights did train
+
+
+def test_a_full_projection_keeps_galore_torchs_svd():
+    grad = _gradient(30, 20)
+    ours = GramProjector(4, proj_type="full").get_orthogonal_matrix(grad, 4, "full")
+    theirs = GaLoreProjector(4, proj_type="full").get_orthogonal_matrix(grad, 4, "full")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
