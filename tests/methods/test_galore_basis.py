@@ -82,3 +82,55 @@ def test_a_full_projection_keeps_galore_torchs_svd():
     theirs = GaLoreProjector(4, proj_type="full").get_orthogonal_matrix(grad, 4, "full")
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "right", "left"])
+@pytest.mark.parametrize("shape", [(60, 8), (8, 60)])
+def test_every_proj_type_projects_as_galore_torch(proj_type, shape):
+    """The Gram route serves the smaller side only; the larger side (reverse_std, or left / right on
+    the other shape) keeps galore-torch's SVD, so shapes and subspaces always match galore-torch's."""
+    grad = _gradient(*shape)
+    ours = GramProjector(16, proj_type=proj_type).project(grad, 0)
+    theirs = GaLoreProjector(16, proj_type=proj_type).project(grad, 0)
+    assert ours.shape == theirs.shape
+    # Same subspace: the projections have the same Gram matrix on their kept side.
+    kept = (lambda x: x @ x.t()) if ours.shape[0] <= ours.shape[1] else (lambda x: x.t() @ x)
+    torch.testing.assert_close(kept(ours), kept(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_a_larger_side_request_never_builds_its_gram_matrix(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(galore_basis, "top_singular_basis", lambda *a: calls.append(1))
+    GramProjector(4, proj_type="reverse_std").project(_gradient(60, 8), 0)  # tall: reverse_std asks for U
+    assert calls == []
+    with pytest.raises(AttributeError):  # the smaller side does go through it (the stub returns None)
+        GramProjector(4, proj_type="std").project(_gradient(60, 8), 0)
+    assert calls == [1]
+
+
+def test_seeding_keeps_a_projector_already_there():
+    weight = nn.Parameter(torch.zeros(12, 5))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 5, "scale": 1.0,
+                              "proj_type": "std"}], lr=1e-3, no_deprecation_warning=True)
+    assert seed_projectors(optimizer) == 1
+    first = optimizer.state[weight]["projector"]
+    assert seed_projectors(optimizer) == 0 and optimizer.state[weight]["projector"] is first
+
+
+@pytest.mark.parametrize("projection", ["gram", "svd"])
+def test_a_loaded_state_gets_the_configured_projectors(projection):
+    """A checkpoint written under the other setting resumes with the configured projector class, with
+    the basis it saved (moved to the parameter's device)."""
+    weight = nn.Parameter(torch.randn(12, 5))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 5, "scale": 1.0,
+                              "proj_type": "std"}], lr=1e-3, no_deprecation_warning=True)
+    if projection == "svd":
+        seed_projectors(optimizer)  # the checkpoint's run used gram
+    weight.grad = torch.randn(12, 5)
+    optimizer.step()
+    saved = optimizer.state[weight]["projector"]
+    assert galore_basis.restore_projectors(optimizer, projection) == 1
+    restored = optimizer.state[weight]["projector"]
+    assert type(restored) is (GramProjector if projection == "gram" else GaLoreProjector)
+    torch.testing.assert_close(restored.ortho_matrix, saved.ortho_matrix)
+    assert restored.rank == 2 and restored.update_proj_gap == 5

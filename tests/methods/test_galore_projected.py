@@ -89,8 +89,18 @@ def _projected(model: TinyLM, max_grad_norm: float = 0.0, gram_min_elements: int
     return optimizer
 
 
+def _forbid_svd(monkeypatch) -> None:
+    """Make galore-torch's SVD fail inside ProjectedGaLore (the reference optimizer keeps its own)."""
+    from galore_torch import galore_projector
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("galore-torch's SVD was called under projection gram")
+
+    monkeypatch.setattr(galore_projector.GaLoreProjector, "get_orthogonal_matrix", refuse)
+
+
 @pytest.mark.parametrize("gram", ["none", "embedding", "all"])
-def test_same_weights_as_galore_torch_on_the_summed_gradients(gram):
+def test_same_weights_as_galore_torch_on_the_summed_gradients(gram, monkeypatch):
     """With galore-torch's SVD for every target, the same weights at every step. With projections from
     the Gram matrix (the embedding's only, as `projection: svd` does for huge matrices, or every one,
     the default), the same until the projection is first recomputed (step 2): both bases span the same
@@ -103,6 +113,8 @@ def test_same_weights_as_galore_torch_on_the_summed_gradients(gram):
     expected = _reference(model, batches)
     optimizer = _projected(twin, gram_min_elements=400 if gram == "embedding" else 10**9,
                            projection="gram" if gram == "all" else "svd")
+    if gram == "all":
+        _forbid_svd(monkeypatch)
     ours = _ours(twin, batches, optimizer)
     for step, (a, b) in enumerate(zip(ours[:2] if gram != "none" else ours, expected, strict=False)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=f"step {step}")
@@ -114,6 +126,7 @@ def test_the_gram_projection_spans_the_svd_subspace(tall, monkeypatch):
     from peftlab.methods import galore_projected
 
     monkeypatch.setattr(galore_projected, "ROW_BLOCK", 700)  # 3000 rows or columns: blocks of 700, ..., 200
+    _forbid_svd(monkeypatch)
     torch.manual_seed(0)
     gradient = torch.randn(3000, 40) @ torch.diag(torch.linspace(3, 0.1, 40))  # distinct singular values
     gradient = gradient if tall else gradient.t().contiguous()

@@ -105,7 +105,12 @@ def test_every_method_trains_and_accounts(smoke, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["galore", "lora"])
-def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind):
+def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind, monkeypatch):
+    from peftlab.methods import galore_basis
+
+    restored: list[int] = []
+    real_restore = galore_basis.restore_projectors
+    monkeypatch.setattr(galore_basis, "restore_projectors", lambda o, p: restored.append(real_restore(o, p)))
     config, run_dir = smoke
     base = "galore" if kind == "galore" else "qlora"
     method = _method(config, base, kind=kind, max_steps=6, save_steps=2)
@@ -120,6 +125,8 @@ def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind):
     assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert resumed["tokens_trained"] == whole["tokens_trained"]  # totals survive the interruption
     assert resumed["train_loss_mean"] == pytest.approx(whole["train_loss_mean"], rel=1e-5)
+    # GaLore: the loaded projectors were brought back to the config's class and device (one per target).
+    assert (sum(restored) >= 4) if kind == "galore" else restored == []
 
 
 def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):
@@ -179,8 +186,11 @@ def test_galore_variants_train(smoke, tmp_path, variant, monkeypatch):
     from peftlab.methods import galore_basis
 
     seeded: list[int] = []
-    real_seed = galore_basis.seed_projectors
+    real_seed, real_basis = galore_basis.seed_projectors, galore_basis.GramProjector.get_orthogonal_matrix
     monkeypatch.setattr(galore_basis, "seed_projectors", lambda optimizer: seeded.append(real_seed(optimizer)))
+    bases: list[int] = []
+    monkeypatch.setattr(galore_basis.GramProjector, "get_orthogonal_matrix",
+                        lambda *a, **k: bases.append(1) or real_basis(*a, **k))
     config, run_dir = smoke
     method = _method(config, "galore", max_steps=2, grad_accum=1)
     method = replace(method, galore=replace(method.galore, variant=variant))
@@ -194,6 +204,7 @@ def test_galore_variants_train(smoke, tmp_path, variant, monkeypatch):
     # galore.projection gram (the default): every projected weight got a GramProjector; layer-wise, one
     # optimizer per weight (transformers' optimizer_dict), some of them GaLore's.
     assert sum(seeded) >= 4 and (variant != "layerwise" or len(seeded) > sum(seeded))
+    assert len(bases) == sum(seeded)  # each computed its first basis (step 0) with the Gram route
 
 
 def _projected(method, **galore_changes):

@@ -9,7 +9,9 @@ problem: in fp64 (Gram matrix and eigensolver) the subspace matches the SVD's to
 (same file), 5.8x faster. Eigenvector signs are arbitrary, as the SVD's are.
 
 The Gram matrix is summed over row blocks, so no fp64 copy of a large gradient (the 262k-row tied
-embedding) is ever whole. `GramProjector` is galore-torch's projector with this basis.
+embedding) is ever whole. `GramProjector` is galore-torch's projector with this basis. fp64 matmuls
+run at 1/32-1/64 of the fp32 rate on consumer GPUs, where the refresh costs more than on an H200
+(not measured; `galore.projection: svd` is galore-torch's own call).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def basis_from_gram(gram: torch.Tensor, rank: int, side: Literal["left", "right"
 
 
 def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "right"]) -> torch.Tensor:
-    """galore-torch's `get_orthogonal_matrix(grad, rank, side)` for `left` / `right`, in `grad`'s dtype."""
+    """galore-torch's `get_orthogonal_matrix(grad, rank, side)` for `left` / `right`, in `grad`'s dtype.
+    Meant for the smaller side (right: a tall grad, left: a wide one): the Gram matrix is that side squared."""
     rows = grad if side == "right" else grad.t()  # the Gram matrix of `rows`' rows is G^T G or G G^T
     blocks = (rows[start:start + ROW_BLOCK] for start in range(0, rows.shape[0], ROW_BLOCK))
     return basis_from_gram(gram_of_row_blocks(blocks, rows.shape[1], grad.device), rank, side, grad.dtype)
@@ -50,24 +53,54 @@ def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "rig
 
 class GramProjector(GaLoreProjector):
     """galore-torch's projector (same project / project_back, same refresh schedule) with the basis
-    from `top_singular_basis`; `proj_type: full` keeps galore-torch's SVD (it needs both sides)."""
+    from `top_singular_basis` whenever the requested side is the smaller one (`std`, the default, always
+    asks for it); otherwise (`reverse_std`, `left` / `right` on the other shape, `full`) galore-torch's
+    SVD, since the Gram matrix of the larger side would be max(m, n) squared."""
 
     def get_orthogonal_matrix(self, weights, rank, type):  # galore-torch names its argument `type`
-        if type in ("left", "right"):
+        rows, cols = weights.shape
+        if (type == "right" and rows >= cols) or (type == "left" and rows <= cols):
             return top_singular_basis(weights.data, rank, type)
         return super().get_orthogonal_matrix(weights, rank, type)
 
 
 def seed_projectors(optimizer: torch.optim.Optimizer) -> int:
-    """Give every GaLore-projected parameter of a galore-torch optimizer a `GramProjector`: its step
-    creates a `GaLoreProjector` only for a state without one. Returns how many were seeded."""
+    """Give every GaLore-projected parameter of a galore-torch optimizer without a projector yet a
+    `GramProjector`: its step creates a `GaLoreProjector` only for a state without one. Returns how
+    many were seeded."""
     seeded = 0
     for group in optimizer.param_groups:
         if "rank" not in group:
             continue
         for param in group["params"]:
+            if "projector" in optimizer.state[param]:
+                continue
             optimizer.state[param]["projector"] = GramProjector(
                 group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
                 proj_type=group["proj_type"])
             seeded += 1
     return seeded
+
+
+def restore_projectors(optimizer: torch.optim.Optimizer, projection: Literal["gram", "svd"]) -> int:
+    """After a checkpoint's optimizer state is loaded: each projector becomes the class `projection`
+    names (the checkpoint may come from the other setting; both classes hold the same attributes) and
+    its basis moves to its parameter's device (the Trainer loads optimizer states onto the CPU, and
+    `Optimizer.load_state_dict` moves only tensors it sees, not those inside projector objects).
+    Returns how many projectors were restored."""
+    cls = GramProjector if projection == "gram" else GaLoreProjector
+    restored = 0
+    for param, state in optimizer.state.items():
+        old = state.get("projector") if isinstance(state, dict) else None
+        if old is None:
+            continue
+        new = cls.__new__(cls)
+        new.__dict__.update(old.__dict__)
+        ortho = new.ortho_matrix
+        if isinstance(ortho, torch.Tensor):
+            new.ortho_matrix = ortho.to(param.device)
+        elif isinstance(ortho, list | tuple):  # proj_type full: both sides
+            new.ortho_matrix = [o.to(param.device) for o in ortho]
+        state["projector"] = new
+        restored += 1
+    return restored

@@ -130,8 +130,9 @@ class TargetTokenTrainer(Trainer):
     loss_chunk_tokens: int = 256
     micro_batch_tokens: int | None = None
     _batch_targets: torch.Tensor | None = None
-    # Layer-wise GaLore with `galore.projection: gram`: transformers builds one optimizer per weight.
-    seed_galore_projectors: bool = False
+    # `galore.projection` of a GaLore method (None otherwise): layer-wise GaLore's per-weight optimizers,
+    # which transformers builds, get its projectors, and a resumed optimizer state is brought back to it.
+    galore_projection: str | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -139,14 +140,23 @@ class TargetTokenTrainer(Trainer):
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
             enable_target_token_forward(base_model(self.model))
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.seed_galore_projectors:
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.galore_projection == "gram":
             from peftlab.methods.galore_basis import seed_projectors
 
-            for inner in getattr(optimizer, "optimizer_dict", None) or {}:
-                seed_projectors(optimizer.optimizer_dict[inner])
+            for inner in (getattr(optimizer, "optimizer_dict", None) or {}).values():
+                seed_projectors(inner)
         return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.galore_projection is not None:
+            from peftlab.methods.galore_basis import restore_projectors
+
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+            for inner in [optimizer, *(getattr(optimizer, "optimizer_dict", None) or {}).values()]:
+                restore_projectors(inner, self.galore_projection)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
@@ -444,7 +454,7 @@ def train_method(
     )
     trainer.loss_chunk_tokens = method.loss_chunk_tokens
     trainer.micro_batch_tokens = method.micro_batch_tokens
-    trainer.seed_galore_projectors = recipe.optim == "galore_adamw_layerwise" and method.galore.projection == "gram"
+    trainer.galore_projection = method.galore.projection if recipe.optim.startswith("galore") else None
     with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if method.torch_compile:
