@@ -13,7 +13,9 @@ times each way of computing the rank-r basis and compares it with galore-torch's
 - `gram_eigh`: eigenvectors of the smaller Gram matrix (G^T G or G G^T) in fp32, one call per weight;
 - `gram_eigh_batched`: the same, weights of one shape stacked into one batched call;
 - `gram_eigh64`: the Gram matrix's eigenvectors in fp64;
-- `svd_lowrank`: torch's randomized SVD (q = r + 16, 2 power iterations).
+- `svd_lowrank`: torch's randomized SVD (q = r + 16, 2 power iterations);
+- `gram_shipped`: what `galore.projection: gram` runs (`peftlab.methods.galore_basis.top_singular_basis`:
+  the fp64 Gram matrix summed over row blocks of the bf16 gradient, no whole fp64 copy).
 
 For each: total seconds over all targets (synchronised, after one warm-up pass), the lowest and mean
 subspace overlap with galore-torch's basis (||B_svd B_x^T||_F^2 / r: 1 is the same subspace), and the
@@ -87,6 +89,12 @@ def basis_lowrank(grad: torch.Tensor) -> torch.Tensor:
     return v[:, :RANK].t() if matrix.shape[0] >= matrix.shape[1] else u[:, :RANK].t()
 
 
+def shipped_basis(grad: torch.Tensor) -> torch.Tensor:
+    from peftlab.methods.galore_basis import top_singular_basis
+
+    return top_singular_basis(grad, RANK, "right" if grad.shape[0] >= grad.shape[1] else "left").float()
+
+
 def bases_gram_batched(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, grad in grads.items():
@@ -143,6 +151,7 @@ def main() -> int:
         "gram_eigh_batched": lambda: bases_gram_batched(grads),
         "gram_eigh64": lambda: {n: basis_gram(g, torch.float64) for n, g in grads.items()},
         "svd_lowrank": lambda: {n: basis_lowrank(g) for n, g in grads.items()},
+        "gram_shipped": lambda: {n: shipped_basis(g) for n, g in grads.items()},
     }
     skip = set(filter(None, args.skip.split(",")))
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
