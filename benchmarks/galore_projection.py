@@ -92,7 +92,9 @@ def basis_lowrank(grad: torch.Tensor) -> torch.Tensor:
 def shipped_basis(grad: torch.Tensor) -> torch.Tensor:
     from peftlab.methods.galore_basis import top_singular_basis
 
-    return top_singular_basis(grad, RANK, "right" if grad.shape[0] >= grad.shape[1] else "left").float()
+    tall = grad.shape[0] >= grad.shape[1]
+    basis = top_singular_basis(grad, RANK, "right" if tall else "left").float()
+    return basis if tall else basis.t()  # this script compares r x min-side rows
 
 
 def bases_gram_batched(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
