@@ -3,7 +3,7 @@
 GaLore (proj_type std) refreshes each target's projection from the top-r singular vectors of its
 gradient: galore-torch calls `torch.linalg.svd(G.float(), full_matrices=False)` per weight. On the
 bench's first optimizer step that is 183 SVDs of the Gemma-3-1B shapes, which dominated the first
-step (about 10 s of GaLore `fast`'s 27 s in `h200-2026-11-29.json`).
+step (about 10 s of GaLore `fast`'s 27 s in `h200-2026-11-29-svd-projection.json`).
 
 This script takes real gradients (the bench model shape with random weights, one backward over 16
 real rows, loss on all tokens), then for every GaLore target (attention, MLP, the tied embedding)
