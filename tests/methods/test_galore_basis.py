@@ -134,3 +134,16 @@ def test_a_loaded_state_gets_the_configured_projectors(projection):
     assert type(restored) is (GramProjector if projection == "gram" else GaLoreProjector)
     torch.testing.assert_close(restored.ortho_matrix, saved.ortho_matrix)
     assert restored.rank == 2 and restored.update_proj_gap == 5
+
+
+def test_a_loaded_basis_moves_to_its_parameters_device():
+    """The Trainer loads optimizer states onto the CPU; the basis inside a projector must follow the
+    parameter (here on the meta device, standing in for a GPU)."""
+    weight = nn.Parameter(torch.empty(12, 5, device="meta"))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 5, "scale": 1.0,
+                              "proj_type": "std"}], lr=1e-3, no_deprecation_warning=True)
+    loaded = GaLoreProjector(2)
+    loaded.ortho_matrix = torch.randn(2, 5)  # where torch.load(map_location="cpu") leaves it
+    optimizer.state[weight]["projector"] = loaded
+    assert galore_basis.restore_projectors(optimizer, "gram") == 1
+    assert optimizer.state[weight]["projector"].ortho_matrix.device.type == "meta"

@@ -180,7 +180,7 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradient():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["adamw8bit", "layerwise"])
+@pytest.mark.parametrize("variant", ["adamw", "adamw8bit", "layerwise"])
 def test_galore_variants_train(smoke, tmp_path, variant, monkeypatch):
     from peftlab.errors import UserError
     from peftlab.methods import galore_basis
@@ -199,12 +199,18 @@ def test_galore_variants_train(smoke, tmp_path, variant, monkeypatch):
             train_method(config, run_dir, "galore", method=method, out=tmp_path / variant)
         return
     metrics = train_method(config, run_dir, "galore", method=method, out=tmp_path / variant)
-    assert metrics["optimizer"] in ("galore_adamw8bit", "galore_adamw_layerwise")
+    assert metrics["optimizer"] == {"layerwise": "galore_adamw_layerwise"}.get(variant, f"galore_{variant}")
     assert metrics["optimizer_steps"] == 2 and all(math.isfinite(p["loss"]) for p in metrics["loss_curve"])
     # galore.projection gram (the default): every projected weight got a GramProjector; layer-wise, one
     # optimizer per weight (transformers' optimizer_dict), some of them GaLore's.
     assert sum(seeded) >= 4 and (variant != "layerwise" or len(seeded) > sum(seeded))
     assert len(bases) == sum(seeded)  # each computed its first basis (step 0) with the Gram route
+    if variant == "layerwise":  # transformers saves no per-weight optimizer state: resuming is refused
+        cut = replace(method, save_steps=1)
+        with pytest.raises(KeyboardInterrupt):
+            train_method(config, run_dir, "galore", method=cut, out=tmp_path / "cut", stop_after=1)
+        with pytest.raises(UserError, match="layerwise cannot resume"):
+            train_method(config, run_dir, "galore", method=cut, out=tmp_path / "cut", resume=True)
 
 
 def _projected(method, **galore_changes):

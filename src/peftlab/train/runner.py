@@ -131,7 +131,8 @@ class TargetTokenTrainer(Trainer):
     micro_batch_tokens: int | None = None
     _batch_targets: torch.Tensor | None = None
     # `galore.projection` of a GaLore method (None otherwise): layer-wise GaLore's per-weight optimizers,
-    # which transformers builds, get its projectors, and a resumed optimizer state is brought back to it.
+    # which transformers builds, get its projectors; a resumed galore-torch optimizer's projectors are
+    # brought back to it (layer-wise runs do not resume: see train_method).
     galore_projection: str | None = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -154,9 +155,8 @@ class TargetTokenTrainer(Trainer):
         if checkpoint is not None and self.galore_projection is not None:
             from peftlab.methods.galore_basis import restore_projectors
 
-            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
-            for inner in [optimizer, *(getattr(optimizer, "optimizer_dict", None) or {}).values()]:
-                restore_projectors(inner, self.galore_projection)
+            restore_projectors(getattr(self.optimizer, "optimizer", self.optimizer),  # accelerate's wrapper
+                               self.galore_projection)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
@@ -443,6 +443,11 @@ def train_method(
     if world > 1:
         torch.distributed.barrier()
         checkpoint = _last_checkpoint(out) if resume else None
+    if checkpoint is not None and recipe.optim == "galore_adamw_layerwise":
+        # transformers saves only the layer-wise dummy optimizer, not the per-weight ones: a resume would
+        # silently restart every Adam moment and projection.
+        raise UserError(f"{out}: galore.variant layerwise cannot resume (transformers does not save its"
+                        " per-weight optimizer states); start again without --resume, or use adamw / adamw8bit")
     step_times = StepTimes()
     trainer = TargetTokenTrainer(
         model=recipe.model,
