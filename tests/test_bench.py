@@ -25,6 +25,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     assert [r["max_seq_length"] for r in report["runs"]] == [1024, 2048]
     assert "lora          fast" in capsys.readouterr().err
     assert out.with_suffix(".loss.png").stat().st_size > 1000  # the loss curves of every profile
+    assert out.with_suffix(".png").stat().st_size > 1000  # tokens/s (and, on a GPU, peaks) per run
 
     # --resume keeps finished runs (a fast one is marked to prove it is not re-run) and runs the rest.
     report["runs"] = [{**report["runs"][0], "kept": True}]
