@@ -25,7 +25,7 @@ from profile_train import _sync, top_ops
 
 
 def main() -> int:
-    from peftlab.bench_generate import generation_prompts
+    from peftlab.bench.generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts, hf_greedy, left_pad
     from peftlab.evaluate.static_decode import static_greedy

@@ -138,7 +138,7 @@ def top_ops(profiler, key: str, count: int = 20) -> list[dict]:
 
 
 def memory_one(method: str, profile: str, args) -> dict:
-    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
     from peftlab.train import runner
 
     with tempfile.TemporaryDirectory(prefix="peftlab-memory-") as work:
@@ -153,7 +153,7 @@ def memory_one(method: str, profile: str, args) -> dict:
 
 
 def phases_one(method: str, profile: str, args) -> dict:
-    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
     from peftlab.train import runner
     from peftlab.train.meter import PhasePeaks
 
@@ -175,7 +175,7 @@ def phases_one(method: str, profile: str, args) -> dict:
 
 
 def profile_one(method: str, profile: str, args) -> dict:
-    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
     from peftlab.train import runner
 
     with tempfile.TemporaryDirectory(prefix="peftlab-profile-") as work:

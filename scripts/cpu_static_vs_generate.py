@@ -21,7 +21,7 @@ import torch
 
 
 def main() -> int:
-    from peftlab.bench_generate import generation_prompts
+    from peftlab.bench.generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts, generate_token_ids, hf_greedy, stop_token_ids
     from peftlab.evaluate.static_decode import DecodeStats, static_greedy

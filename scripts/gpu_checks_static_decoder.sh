@@ -9,7 +9,7 @@ set -u
 source scripts/device_env.sh >/dev/null
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-timeout 340 python -m peftlab bench --generation --extra 262144:1,131072:3 --compile \
+timeout 340 python -m peftlab bench generate --extra 262144:1,131072:3 --compile \
   --data /tmp/samples --tokenizer /tmp/tok --out "$OUT/generation-1b.json" > "$OUT/generation-1b.log" 2>&1
 echo "generation bench rc=$?"
 timeout 100 python benchmarks/profile_train.py --phases --steps 6 --data /tmp/samples --tokenizer /tmp/tok \

@@ -32,7 +32,7 @@ VARIANTS = {  # name: galore settings over the bench's
 def one(variant: str, changes: dict, args) -> dict:
     import torch
 
-    from peftlab.bench import BenchSpec, default_sources, prepare_workload
+    from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
     from peftlab.train.runner import train_method
 
     with tempfile.TemporaryDirectory(prefix="peftlab-resume-") as work:

@@ -16,7 +16,7 @@ echo "phases bf16 rc=$?"
 timeout 90 python benchmarks/profile_train.py "${common[@]}" --set quant.compute_dtype=bfloat16 --set lora.dropout=0.0 \
   --out "$OUT/phases-qlora-lowmem-bf16-nodropout.json" qlora:lowmem > "$OUT/phases-nodropout.log" 2>&1
 echo "phases bf16 no-dropout rc=$?"
-timeout 380 python -m peftlab bench --generation --extra 262144:2,131072:4,65536:6,131072:3:64 --compile \
+timeout 380 python -m peftlab bench generate --extra 262144:2,131072:4,65536:6,131072:3:64 --compile \
   --data /tmp/samples --tokenizer /tmp/tok --out "$OUT/generation-1b.json" > "$OUT/generation-1b.log" 2>&1
 echo "generation bench rc=$?"
 grep -h "tokens/s" "$OUT/generation-1b.log"

@@ -1,6 +1,6 @@
 """Re-score a generation bench's differing rows in true fp32 on the CPU.
 
-`peftlab bench --generation` scores the first difference between plain `generate` and our decoder
+`peftlab bench generate` scores the first difference between plain `generate` and our decoder
 with the GPU model converted to fp32 (`differing_rows_fp32`). This script rebuilds the same prompts
 (same workload: samples folder, tokenizer, 190 rows per source, the report's prompt count), loads
 the real weights in fp32 on the CPU, and for every recorded difference scores plain's token, ours
@@ -23,7 +23,7 @@ import torch
 
 
 def main() -> int:
-    from peftlab.bench_generate import generation_prompts
+    from peftlab.bench.generate import generation_prompts
     from peftlab.config import ModelConfig
     from peftlab.evaluate.generate import encode_prompts
     from peftlab.models import load_model, load_tokenizer

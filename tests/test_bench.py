@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from peftlab.bench import flops_per_token, format_table
+from peftlab.bench.train import format_table
+from peftlab.bench.workload import flops_per_token
 from peftlab.cli import main
 from peftlab.errors import UserError
 
 
 def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+    assert main(["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
                  "--rows-per-source", "8", "--max-steps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["gpu"] == "cpu" and "torch" in report["versions"] and report["command"].startswith("peftlab")
@@ -30,7 +31,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     # --resume keeps finished runs (a fast one is marked to prove it is not re-run) and runs the rest.
     report["runs"] = [{**report["runs"][0], "kept": True}]
     out.write_text(json.dumps(report))
-    args = ["bench", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+    args = ["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
             "--rows-per-source", "8", "--max-steps", "1", "--out", str(out), "--resume"]
     assert main(args) == 0
     resumed = json.loads(out.read_text())
@@ -60,7 +61,7 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
 
 def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
+    assert main(["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
                  "--reference", "--rows-per-source", "8", "--max-steps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     # No reference recipe for the hybrid; one row per trained stage, the merge's time on the stage after it.
@@ -75,7 +76,7 @@ def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
     assert settings["galore"]["loss_chunk_tokens"] == 1024  # the fast profile's, not a default
     assert "hybrid:galore" in capsys.readouterr().err
     # --resume keeps both stage rows when nothing changed, and re-runs both when a stage's settings did.
-    args = ["bench", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
+    args = ["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "hybrid", "--profiles", "fast",
             "--rows-per-source", "8", "--max-steps", "1", "--out", str(out), "--resume"]
     assert main(args) == 0
     assert "hybrid / fast: kept from" in capsys.readouterr().err
@@ -90,20 +91,20 @@ def test_bench_times_each_hybrid_stage(tmp_path, gemma_tokenizer, capsys):
 
 
 def test_unknown_method_is_a_user_error(capsys):
-    assert main(["bench", "--methods", "dora"]) == 2
+    assert main(["bench", "train", "--methods", "dora"]) == 2
     assert "unknown method 'dora'" in capsys.readouterr().err
-    assert main(["bench", "--resume"]) == 2
+    assert main(["bench", "train", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
-    assert main(["bench", "--generation", "--plain-batches", "64,x"]) == 2
+    assert main(["bench", "generate", "--plain-batches", "64,x"]) == 2
     assert "--plain-batches: expected comma-separated integers" in capsys.readouterr().err
-    assert main(["bench", "--generation", "--extra", "131072:x"]) == 2
+    assert main(["bench", "generate", "--extra", "131072:x"]) == 2
     assert "--extra: expected TOKENS:CONCURRENT[:ROWS] settings" in capsys.readouterr().err
-    assert main(["bench", "--generation", "--extra", "131072:3:64:1"]) == 2
+    assert main(["bench", "generate", "--extra", "131072:3:64:1"]) == 2
     assert "--extra: expected TOKENS:CONCURRENT[:ROWS]" in capsys.readouterr().err
-    assert main(["bench", "--generation", "--extra", "131072:3:0"]) == 2
+    assert main(["bench", "generate", "--extra", "131072:3:0"]) == 2
     assert "rows must be at least 1" in capsys.readouterr().err
-    assert main(["bench", "--generation", "--resume", "--out", "gen.json"]) == 2
-    assert "--resume continues a cut training bench only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --resume belongs to `bench train` only
+        main(["bench", "generate", "--resume", "--out", "gen.json"])
 
 
 def test_flops_formula():
@@ -115,7 +116,7 @@ def test_flops_formula():
 
 
 def test_steady_rate_is_tokens_per_step_over_the_median_step():
-    from peftlab.bench import steady_tokens_per_s
+    from peftlab.bench.train import steady_tokens_per_s
 
     run = {"tokens_trained": 16_000, "optimizer_steps": 16, "step_s_median": 0.5}
     assert steady_tokens_per_s(run) == 2_000.0
@@ -124,7 +125,7 @@ def test_steady_rate_is_tokens_per_step_over_the_median_step():
 
 def test_generation_bench_compares_with_plain_generate(tmp_path, gemma_tokenizer, capsys):
     out = tmp_path / "gen.json"
-    assert main(["bench", "--generation", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
+    assert main(["bench", "generate", "--shape", "builtin:tiny-gemma3", "--rows-per-source", "8",
                  "--prompts", "10", "--max-new-tokens", "6", "--batch", "4", "--static-cache", "--plain-batches", "64,3",
                  "--extra", "40:2,40:2:4,131072:3,1000:1:2", "--concurrent", "3", "--prefill-chunk-tokens", "8",
                  "--out", str(out)]) == 0
@@ -153,7 +154,7 @@ def test_near_tie_gaps_scores_the_first_difference():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftlab.bench_generate import near_tie_gaps
+    from peftlab.bench.generate import near_tie_gaps
     from peftlab.models import read_model_config
 
     torch.manual_seed(0)
@@ -168,7 +169,7 @@ def test_near_tie_gaps_scores_the_first_difference():
 
 
 def test_profiles_keep_the_effective_batch_and_set_their_levers():
-    from peftlab.bench import BenchSpec, default_sources, workload_config
+    from peftlab.bench.workload import BenchSpec, default_sources, workload_config
 
     def method(kind: str, profile: str):
         config = workload_config(BenchSpec(kind, profile, sources=default_sources(None)))
@@ -204,7 +205,7 @@ def test_near_tie_gaps_rescore_the_first_difference_in_fp32():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftlab.bench_generate import near_tie_gaps
+    from peftlab.bench.generate import near_tie_gaps
     from peftlab.models import read_model_config
 
     torch.manual_seed(0)
@@ -220,7 +221,7 @@ def test_near_tie_gaps_rescore_the_first_difference_in_fp32():
 
 
 def test_generation_bench_reports_progress_after_every_run(tmp_path, gemma_tokenizer):
-    from peftlab.bench_generate import run_generation_bench
+    from peftlab.bench.generate import run_generation_bench
 
     seen = []
     report = run_generation_bench(shape="builtin:tiny-gemma3", model_name="builtin:gemma-3-270m",
@@ -236,7 +237,7 @@ def test_generation_bench_reports_progress_after_every_run(tmp_path, gemma_token
 
 
 def test_generation_prompts_are_rendered_up_to_the_model_turn(gemma_tokenizer):
-    from peftlab.bench_generate import generation_prompts
+    from peftlab.bench.generate import generation_prompts
 
     _, texts = generation_prompts(None, "builtin:gemma-3-270m", 3, rows_per_source=8, shape="builtin:tiny-gemma3")
     assert len(texts) == 3

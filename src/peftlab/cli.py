@@ -66,48 +66,62 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="prepare -> train -> evaluate -> report, skipping finished stages")
     _add_config(study, optional=True)
 
-    bench = commands.add_parser("bench", help="time the BASELINE.md training workload: our profiles vs the reference")
-    bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full, hybrid")
-    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, fast-liger, fast-compile, lowmem")
-    bench.add_argument("--reference", action="store_true", help="also run the study's TRL SFTTrainer recipe")
-    bench.add_argument("--shape", default="builtin:gemma-3-1b", help="model config (random weights)")
-    bench.add_argument("--tokenizer", default="builtin:gemma-3-270m")
-    bench.add_argument("--data", default=None, help="the seeds-samples folder (default: built-in demo data)")
-    bench.add_argument("--rows-per-source", type=int, default=190)
-    bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
-    bench.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    bench.add_argument("--resume", action="store_true",
-                       help="keep the finished runs of the report at --out (same workload) and run the rest")
-    bench.add_argument("--generation", action="store_true",
-                       help="time greedy decoding instead: plain generate (batch 64) vs the evaluator's path")
-    bench.add_argument("--model", default=None,
-                       help="--generation: real weights to decode with (default: random weights of --shape)")
-    bench.add_argument("--prompts", type=int, default=320, help="--generation: prompts from the workload")
-    bench.add_argument("--max-new-tokens", type=int, default=256, help="--generation: tokens per prompt")
-    bench.add_argument("--batch", type=int, default=320, help="--generation: rows per batch of our path")
-    bench.add_argument("--plain-batches", default="64",
-                       help="--generation: batch sizes for plain generate (comma-separated; 64 is the reference);"
-                            " the others show how many rows plain decoding changes with the batch size alone")
-    bench.add_argument("--max-batch-tokens", type=int, default=131072,
-                       help="--generation: padded-token budget per batch of our path (rows x (prompt + new tokens))")
-    bench.add_argument("--concurrent", type=int, default=EvaluateConfig.concurrent_batches,
-                       help="--generation: batches our decoder runs at once, each on its own CUDA stream")
-    bench.add_argument("--prefill-chunk-tokens", type=int, default=None,
-                       help="--generation: also time our decoder with chunked prefill (run ours-p{N}, the main settings)")
-    bench.add_argument("--extra", default="",
-                       help="--generation: more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
-                            " (e.g. 262144:1,131072:4); an optional third number caps the rows per batch (131072:3:64)")
-    bench.add_argument("--compile", action="store_true",
-                       help="--generation: also time our path with every decoder layer compiled (torch.compile)")
-    bench.add_argument("--liger", action="store_true",
-                       help="--generation (GPU): also time our path with liger-kernel's fused RMSNorm/GeGLU/RoPE")
-    bench.add_argument("--static-cache", action="store_true",
-                       help="--generation: also time our path with a static KV cache (compiled decoding step)")
+    bench = commands.add_parser("bench", help="measure speed and memory: `bench train` or `bench generate`")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="KIND")
+    _add_train_bench(kinds.add_parser("train", help="time the training workload: our profiles vs the original recipe"))
+    _add_generate_bench(kinds.add_parser(
+        "generate", help="time greedy decoding: plain generate (batch 64) vs the evaluator's path"))
 
     demo = commands.add_parser("demo-data", help="write the built-in demo dataset files")
     demo.add_argument("--out", type=Path, required=True)
     demo.add_argument("--rows", type=int, default=400, help="rows per schema")
     return parser
+
+
+def _add_workload(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", default="builtin:gemma-3-1b", help="model config (random weights)")
+    parser.add_argument("--tokenizer", default="builtin:gemma-3-270m")
+    parser.add_argument("--data", default=None,
+                        help="a folder with the dataset samples (alpaca/, tulu-v2-sft-mixture/, ultrachat_200k/);"
+                             " default: built-in demo data")
+    parser.add_argument("--rows-per-source", type=int, default=190)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here (figures beside it)")
+
+
+def _add_train_bench(bench: argparse.ArgumentParser) -> None:
+    _add_workload(bench)
+    bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full, hybrid")
+    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, fast-liger, fast-compile, lowmem")
+    bench.add_argument("--reference", action="store_true", help="also run the original study's TRL SFTTrainer recipe")
+    bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the finished runs of the report at --out (same workload) and run the rest")
+
+
+def _add_generate_bench(bench: argparse.ArgumentParser) -> None:
+    _add_workload(bench)
+    bench.add_argument("--model", default=None, help="real weights to decode with (default: random weights of --shape)")
+    bench.add_argument("--prompts", type=int, default=320, help="prompts from the workload")
+    bench.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prompt")
+    bench.add_argument("--batch", type=int, default=320, help="rows per batch of our path")
+    bench.add_argument("--plain-batches", default="64",
+                       help="batch sizes for plain generate (comma-separated; 64 is the original study's);"
+                            " the others show how many rows plain decoding changes with the batch size alone")
+    bench.add_argument("--max-batch-tokens", type=int, default=131072,
+                       help="padded-token budget per batch of our path (rows x (prompt + new tokens))")
+    bench.add_argument("--concurrent", type=int, default=EvaluateConfig.concurrent_batches,
+                       help="batches our decoder runs at once, each on its own CUDA stream")
+    bench.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                       help="also time our decoder with chunked prefill (run ours-p{N}, the main settings)")
+    bench.add_argument("--extra", default="",
+                       help="more settings of our decoder to time, TOKENS:CONCURRENT comma-separated"
+                            " (e.g. 262144:1,131072:4); an optional third number caps the rows per batch (131072:3:64)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time our path with every decoder layer compiled (torch.compile)")
+    bench.add_argument("--liger", action="store_true",
+                       help="(GPU) also time our path with liger-kernel's fused RMSNorm/GeGLU/RoPE")
+    bench.add_argument("--static-cache", action="store_true",
+                       help="also time our path with a static KV cache (compiled decoding step)")
 
 
 def _version() -> str:
@@ -170,12 +184,12 @@ def run_command(args: argparse.Namespace) -> int:
 
         config, run_dir = _load(args)
         run_study(config, run_dir)
-    elif args.command == "bench" and args.generation:
+    elif args.command == "bench" and args.bench_kind == "generate":
         report = _generation_bench(args)
         if args.out is None:
             print(json.dumps(report, indent=2))
     elif args.command == "bench":
-        from peftlab.bench import run_bench
+        from peftlab.bench.train import run_bench
 
         report = run_bench(
             [m for m in args.methods.split(",") if m], [p for p in args.profiles.split(",") if p],
@@ -203,31 +217,29 @@ def _extra_setting(item: str, rows: int) -> tuple[int, int, int]:
 def _generation_bench(args: argparse.Namespace) -> dict:
     import tempfile
 
-    from peftlab.bench_generate import plot_generation, run_generation_bench
+    from peftlab.bench.generate import plot_generation, run_generation_bench
     from peftlab.rundir import write_json
 
-    if args.resume:
-        raise UserError("bench --generation: --resume continues a cut training bench only; rerun the generation bench")
     for flag in ("prompts", "max_new_tokens", "batch", "rows_per_source", "max_batch_tokens", "concurrent",
                  "prefill_chunk_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"bench --{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"bench generate --{flag.replace('_', '-')} must be at least 1")
     try:
         plain_batches = tuple(dict.fromkeys(int(item) for item in args.plain_batches.split(",") if item.strip()))
     except ValueError:
-        raise UserError(f"bench --plain-batches: expected comma-separated integers, got {args.plain_batches!r}") from None
+        raise UserError(f"bench generate --plain-batches: expected comma-separated integers, got {args.plain_batches!r}") from None
     if any(rows < 1 for rows in plain_batches):
-        raise UserError("bench --plain-batches: every batch size must be at least 1")
+        raise UserError("bench generate --plain-batches: every batch size must be at least 1")
     try:
         extra = tuple(_extra_setting(item, args.batch) for item in args.extra.split(",") if item.strip())
     except ValueError:
-        raise UserError("bench --extra: expected TOKENS:CONCURRENT[:ROWS] settings, comma-separated,"
+        raise UserError("bench generate --extra: expected TOKENS:CONCURRENT[:ROWS] settings, comma-separated,"
                         f" got {args.extra!r}") from None
     if any(value < 1 for setting in extra for value in setting):
-        raise UserError("bench --extra: tokens, concurrent batches and rows must be at least 1")
+        raise UserError("bench generate --extra: tokens, concurrent batches and rows must be at least 1")
     main_setting = (args.max_batch_tokens, args.concurrent, args.batch)
     if main_setting in extra:
-        print(f"bench --extra: {':'.join(map(str, main_setting))} is the main run's setting; timed once, as 'ours'",
+        print(f"bench generate --extra: {':'.join(map(str, main_setting))} is the main run's setting; timed once, as 'ours'",
               file=sys.stderr)
     extra = tuple(setting for setting in dict.fromkeys(extra) if setting != main_setting)
     with tempfile.TemporaryDirectory(prefix="peftlab-genbench-") as work:

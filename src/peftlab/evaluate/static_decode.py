@@ -58,7 +58,7 @@ class DecodeStats:
                "cuda_graph_fallback": self.fallback[:3], "capture_out_of_memory": self.capture_out_of_memory,
                "out_of_memory_step_downs": self.out_of_memory_step_downs}
         if self.compiled_layers:
-            from peftlab.compiling import compile_stats
+            from peftlab.models.kernels import compile_stats
 
             out["compiled_layers"] = self.compiled_layers
             out["compile"] = compile_stats()
@@ -263,7 +263,7 @@ def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: boo
     stop_ids = stop_token_ids(tokenizer)
     stats = stats if stats is not None else DecodeStats()
     if torch_compile:
-        from peftlab.compiling import compile_decoder_layers
+        from peftlab.models.kernels import compile_decoder_layers
 
         stats.compiled_layers = sum(compile_decoder_layers(m.model) for m in members)
 

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from peftlab.compiling import compile_decoder_layers, compile_stats
+from peftlab.models.kernels import compile_decoder_layers, compile_stats
 from peftlab.config import MethodConfig, StudyConfig
 from peftlab.data.prepare import read_split, tokenizer_fingerprint
 from peftlab.errors import UserError

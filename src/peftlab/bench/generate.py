@@ -1,6 +1,6 @@
-"""`peftlab bench --generation`: greedy decoding speed of the evaluation path against plain `generate`.
+"""`peftlab bench generate`: greedy decoding speed of the evaluation path against plain `generate`.
 
-Workload (BASELINE.md): the first `prompts` rows of the bench workload, each rendered up to its last
+Workload: the first `prompts` rows of the bench workload, each rendered up to its last
 model turn, greedy, `max_new_tokens` 256, bf16, SDPA. Runs:
 
 - `plain`: `model.generate` on batches of 64 in the workload's order with torch's default SDPA
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from peftlab.bench import BenchSpec, default_sources, prepare_workload
+from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
 from peftlab.config import EvaluateConfig
 from peftlab.data.chat import render_prompt
 from peftlab.data.prepare import read_split
@@ -152,7 +152,7 @@ def _run_variant(name: str, rows_per_batch: int, fn, runs: list[dict[str, Any]],
     except Exception as exc:
         runs.append({"run": name, "batch": rows_per_batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         if name == "plain":
-            raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')}); nothing to compare") from exc
+            raise UserError(f"bench generate: the plain run failed ({runs[0].get('error')}); nothing to compare") from exc
         return
     outputs[name] = tokens
     generated = sum(len(t) for t in tokens)
@@ -257,7 +257,7 @@ def run_generation_bench(*, shape: str | None, model_name: str, tokenizer: str, 
                     {"max_batch_tokens": budget, "concurrent": streams, "decoder": run_stats.as_dict}
                     if run_stats is not None else {})
     if "plain" not in outputs:
-        raise UserError(f"bench --generation: the plain run failed ({runs[0].get('error')})")
+        raise UserError(f"bench generate: the plain run failed ({runs[0].get('error')})")
     plain, ours = outputs["plain"], outputs.get("ours")
     scored["gaps"] = near_tie_gaps(model, tok, encoded, plain, ours, device) if ours is not None else []
     if progress is not None:

@@ -1,0 +1,153 @@
+"""The bench's training workload: the spec of one run, the profiles, the workload as a study config,
+and the MFU arithmetic.
+
+Workload: a model of a given shape with random weights (default the exact Gemma-3-1B shape), the
+Gemma 3 tokenizer, `rows_per_source` real rows per source (seed 42), loss on all tokens as the
+reference does, an effective batch of 16 rows per optimizer step. Each run is a fresh process
+(`peftlab.bench.worker`) so peak-memory counters never mix.
+
+Profiles of ours (all with the study's hyperparameters and effective batch):
+- `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
+  logits 1,024 tokens at a time.
+- `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
+- `fast-compile`: `fast` with every decoder layer compiled (`torch_compile`; the first steps compile).
+- `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
+  micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
+  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states,
+  gradients summed at rank r (`galore.accumulate: projected`) and the tied embedding projected too.
+- `reference` (`--reference`): the study's TRL `SFTTrainer` recipe (`peftlab.bench.reference`).
+
+MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
+train) or 4N (frozen base + adapters: forward plus activation gradients) plus attention
+12 x layers x heads x head_dim x mean sequence length; N counts every parameter once (the tied
+embedding as the output projection); checkpointing's recomputation is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 peak of the GPU the bench runs on; H100/H200 SXM spec sheet value.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+STUDY_HYPERPARAMETERS = {
+    "qlora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "paged_adamw_8bit"},
+    "lora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "adamw_torch"},
+    "galore": {"lr": 1e-4, "max_grad_norm": 1.0},
+    "full": {"lr": 1e-5, "max_grad_norm": 1.0, "optimizer": "adamw_torch"},
+}
+PROFILES = {
+    "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
+             "loss_chunk_tokens": 1024},
+    "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
+               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
+}
+# The report's sequential hybrid: QLoRA -> merge into the bf16 base -> GaLore; the bench times each stage.
+HYBRID_STAGES = ("qlora", "galore")
+PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
+PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
+# Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
+# rank r (no full gradient set), and projects the tied embedding too, as the reference recipe does (its
+# full-rank Adam states alone would be 0.56 GiB). (QLoRA's 4-bit matmuls compute in bf16 in every
+# profile: `quant.compute_dtype`'s default.)
+METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit", "accumulate": "projected",
+                                                    "targets": ["attn", "mlp", "embed_tokens"]}}}
+
+
+# Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
+ROW_SLACK = 10
+
+
+@dataclass
+class BenchSpec:
+    method: str
+    profile: str
+    shape: str = "builtin:gemma-3-1b"
+    tokenizer: str = "builtin:gemma-3-270m"
+    sources: list[dict[str, str]] = field(default_factory=list)
+    rows_per_source: int = 190  # the Tulu sample has 200 rows
+    max_seq_length: int = 1024
+    max_steps: int = -1
+    work_dir: str = ""
+    # Method settings over the profile's, `--set` style, e.g. ["quant.compute_dtype=bfloat16"] (A/B runs).
+    overrides: list[str] = field(default_factory=list)
+
+
+def default_sources(data_dir: str | None) -> list[dict[str, str]]:
+    """The real samples when a folder is given, else the built-in demo data (CPU smoke runs)."""
+    if not data_dir:
+        return [{"name": n, "format": n, "path": f"demo:{n}:400"} for n in ("alpaca", "tulu", "ultrachat")]
+    root = Path(data_dir)
+    return [
+        {"name": "alpaca", "format": "alpaca", "path": str(root / "alpaca" / "alpaca_4000.json")},
+        {"name": "tulu", "format": "tulu", "path": str(root / "tulu-v2-sft-mixture" / "tulu_v2_200.jsonl")},
+        {"name": "ultrachat", "format": "ultrachat", "path": str(root / "ultrachat_200k" / "ultrachat_800.jsonl")},
+    ]
+
+
+def method_settings(kind: str, spec: BenchSpec, profile: dict[str, Any]) -> dict[str, Any]:
+    """One method's settings on the workload: the study's hyperparameters, the profile's levers, overrides."""
+    from peftlab.config import apply_override
+
+    method = {"kind": kind, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
+              "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
+              **STUDY_HYPERPARAMETERS[kind], **profile}
+    if kind == "galore":
+        method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                            "targets": ["attn", "mlp"]}
+    for key, value in METHOD_PROFILE.get((kind, spec.profile), {}).items():
+        method[key] = {**method.get(key, {}), **value}
+    for item in spec.overrides:
+        apply_override(method, item)
+    return method
+
+
+def workload_config(spec: BenchSpec):
+    """The workload as a study config: one method (a hybrid: its QLoRA and GaLore stages, one epoch
+    each, with a merge between), the profile's batch settings."""
+    from peftlab.config import config_from_dict
+
+    profile = dict(PROFILES.get(spec.profile, {}))
+    max_len = profile.pop("max_seq_length", spec.max_seq_length)
+    liger = profile.pop("liger_kernel", False)
+    if spec.method == "hybrid":
+        methods = {kind: method_settings(kind, spec, profile) for kind in HYBRID_STAGES}
+        methods["hybrid"] = {"kind": "hybrid", "stages": [{"method": HYBRID_STAGES[0]}, {"method": "merge"},
+                                                          {"method": HYBRID_STAGES[1]}]}
+    else:
+        methods = {spec.method: method_settings(spec.method, spec, profile)}
+    rows = spec.rows_per_source
+    raw = {
+        "name": "bench",
+        "data": {"seed": 42, "train_per_source": rows, "test_per_source": 0, "train_buffer": rows + ROW_SLACK,
+                 "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
+        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa",
+                  "liger_kernel": liger},
+        "methods": methods,
+    }
+    return config_from_dict(raw, source="bench workload")
+
+
+def flops_per_token(model_config: dict[str, Any], params: int, trains_all: bool, mean_seq: float) -> float:
+    attention = 12 * model_config["num_hidden_layers"] * model_config["num_attention_heads"] \
+        * model_config["head_dim"] * mean_seq
+    return (6 if trains_all else 4) * params + attention
+
+
+def peak_flops(gpu: str | None) -> float | None:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if gpu and key in gpu:
+            return value
+    return None
+
+
+def prepare_workload(spec: BenchSpec):
+    """The workload rows, prepared exactly as a study prepares them (same rows for every run)."""
+    from peftlab.data.prepare import prepare_data
+    from peftlab.models import load_tokenizer
+
+    config = workload_config(spec)
+    run_dir = Path(spec.work_dir)
+    prepare_data(config, run_dir, load_tokenizer(config.model))
+    return config, run_dir
