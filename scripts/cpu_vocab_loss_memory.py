@@ -24,7 +24,7 @@ def one(mode: str, earlier: bool, tokens: int, chunk: int) -> dict:
     import torch
 
     from peftlab.train import vocab_loss
-    from peftlab.train.runner import target_token_loss_sum
+    from peftlab.train.loss import target_token_loss_sum
 
     torch.manual_seed(0)
     embed = torch.nn.Embedding(VOCAB, WIDTH).bfloat16()

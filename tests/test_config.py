@@ -132,7 +132,7 @@ def test_values_that_would_crash_later_are_rejected_up_front(override, message):
 
 
 def test_a_stage_with_epochs_ignores_the_methods_step_cap():
-    from peftlab.train.runner import stage_method
+    from peftlab.hybrid import stage_method
 
     config = load_config("demo")
     assert config.method("qlora").max_steps == 12

@@ -152,12 +152,10 @@ def run_command(args: argparse.Namespace) -> int:
 
         if "WORLD_SIZE" not in os.environ:
             # User errors surface here, once, before any process is launched.
-            config, run_dir = _load(args)
-            config.method(args.method)
-            if args.fsdp:
-                from peftlab.train.runner import check_fsdp
+            from peftlab.train.launch import check_launch
 
-                check_fsdp(args.method, config.method(args.method), args.gpus)
+            config, run_dir = _load(args)
+            check_launch(config, args.method, world=args.gpus, fsdp=args.fsdp)
             if args.gpus > 1:
                 return launch_distributed(args.gpus)
 

@@ -469,6 +469,8 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
                                                     or method.galore.proj_type != "std"):
         raise UserError(f"{where}.galore.accumulate: projected works with variant adamw or adamw8bit and"
                         " proj_type std")
+    if method.kind == "galore" and method.galore.variant == "layerwise" and method.grad_accum != 1:
+        raise UserError(f"{where}.grad_accum: galore.variant layerwise updates inside backward; set grad_accum: 1")
     _validate_optimizer(method.optimizer, f"{where}.optimizer")
     if method.lr <= 0:
         raise UserError(f"{where}.lr must be positive, got {method.lr}")
@@ -485,6 +487,35 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         _validate_stages(config, name, method, where)
     elif method.stages:
         raise UserError(f"{where}.stages: only methods of kind 'hybrid' have stages")
+
+
+def validate_fsdp(config: StudyConfig, name: str) -> None:
+    """The config-only rules of sharded training (`--fsdp`): which methods and settings FSDP can run."""
+    method = config.method(name)
+    if method.kind in ("galore", "hybrid"):
+        raise UserError(f"method '{name}' ({method.kind}): GaLore projects whole weight matrices, which FSDP"
+                        " splits across processes; train it with DDP (drop --fsdp)")
+    if method.micro_batch_tokens is not None:
+        raise UserError(f"method '{name}': micro_batch_tokens runs a different number of forwards per process,"
+                        " which FSDP's collective weight gathering cannot do; drop it or use DDP (drop --fsdp)")
+    if method.torch_compile:
+        raise UserError(f"method '{name}': torch_compile is not supported with --fsdp yet; drop one of them")
+    if any(key in method.optimizer for key in ("8bit", "paged", "bnb")):
+        raise UserError(f"method '{name}': optimizer {method.optimizer} (bitsandbytes) cannot step FSDP's sharded"
+                        " parameters; use adamw_torch or leave optimizer: auto")
+
+
+def single_process_only(config: StudyConfig, name: str) -> str | None:
+    """Why `name` (a hybrid: any of its stages) must train in one process, or None: a GaLore whose
+    hooks own the gradients (projected accumulation, layer-wise updates inside backward)."""
+    method = config.method(name)
+    trained = [config.method(s.method) for s in method.stages if s.method != "merge"] \
+        if method.kind == "hybrid" else [method]
+    for stage in trained:
+        if stage.kind == "galore" and (stage.galore.accumulate == "projected" or stage.galore.variant == "layerwise"):
+            return (f"method '{name}': galore with accumulate projected or variant layerwise is single-GPU"
+                    " (it updates from inside backward); use accumulate full and variant adamw with --gpus")
+    return None
 
 
 def _validate_optimizer(name: str, where: str) -> None:

@@ -35,18 +35,22 @@ def run_prepare(config: StudyConfig, run_dir: Path) -> dict:
 
 
 def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool = False, fsdp: bool = False) -> dict:
+    from peftlab.distributed import distributed_rank_world
+    from peftlab.hybrid import train_hybrid
     from peftlab.rundir import write_provenance
+    from peftlab.train.launch import check_launch
     from peftlab.train.runner import train_method
 
-    config.method(method)  # unknown method -> one clear error before anything loads
+    rank, world = distributed_rank_world()
+    check_launch(config, method, world=world, fsdp=fsdp)  # before anything loads
     if not (run_dir / "data" / "train.jsonl").exists():
         raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
-    from peftlab.train.runner import distributed_rank_world
-
-    rank, _ = distributed_rank_world()
     if rank == 0:
         write_provenance(run_dir, config)
-    metrics = train_method(config, run_dir, method, resume=resume, fsdp=fsdp)
+    if config.method(method).kind == "hybrid":
+        metrics = train_hybrid(config, run_dir, method, resume=resume)
+    else:
+        metrics = train_method(config, run_dir, method, resume=resume, fsdp=fsdp)
     if rank != 0:
         return metrics
     peak = metrics["peak_gpu_alloc_gib"]

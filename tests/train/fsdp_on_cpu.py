@@ -1,6 +1,6 @@
 """Test helper, not a test: `peftlab train ... --fsdp` with accelerate's FSDP2 path forced on CPU.
 
-accelerate engages FSDP only on GPU process groups (on CPU it silently runs DDP), and `check_fsdp`
+accelerate engages FSDP only on GPU process groups (on CPU it silently runs DDP), and `check_launch`
 refuses CPU for that reason. Launched by the tests as
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train/fsdp_on_cpu.py \
@@ -8,7 +8,7 @@ refuses CPU for that reason. Launched by the tests as
 
 it patches, in this process only, (1) accelerate's state so that a FullyShardedDataParallelPlugin on a
 gloo (MULTI_CPU) process group gives DistributedType.FSDP, exactly what a GPU process group gives,
-and (2) `check_fsdp`'s CUDA requirement (every other refusal stays). `--record-head FILE` appends,
+and (2) `check_launch`'s CUDA requirement (every other refusal stays). `--record-head FILE` appends,
 per rank, the input shape of every call of the model's vocabulary projection (JSON lines; `fsdp`:
 whether the projection is part of an FSDP unit). `--bf16` trains as a CUDA bf16 run does (bf16
 weights and mixed precision, so FSDP casts outputs to bf16).
@@ -40,15 +40,16 @@ def force_fsdp_on_cpu() -> None:
 
     AcceleratorState.__init__ = init
 
+    import peftlab.train.launch as launch
     import peftlab.train.runner as runner
 
-    check = runner.check_fsdp
+    check = launch.check_launch
 
-    def check_fsdp(*args, **kwargs):
+    def check_launch(*args, **kwargs):
         with mock.patch("torch.cuda.is_available", return_value=True):
             check(*args, **kwargs)
 
-    runner.check_fsdp = check_fsdp
+    launch.check_launch = runner.check_launch = check_launch
 
 
 def record_head_calls(path: str) -> None:

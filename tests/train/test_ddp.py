@@ -138,7 +138,7 @@ def test_fsdp_settings(smoke_config=None):
     from peftlab.config import load_config
     from peftlab.methods import Recipe
     from peftlab.models import read_model_config
-    from peftlab.train.runner import training_arguments
+    from peftlab.train.trainer import training_arguments
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3")))
     method = load_config("smoke").method("qlora")
@@ -192,9 +192,10 @@ def test_hybrid_stages_run_under_two_processes(prepared):
 def test_fsdp_refuses_token_budget_slices():
     from dataclasses import replace
 
+    from peftlab.config import validate_fsdp
     from peftlab.errors import UserError
-    from peftlab.train.runner import check_fsdp
 
-    method = replace(load_config("smoke").method("qlora"), kind="lora", micro_batch_tokens=64)
+    config = load_config("smoke")
+    method = replace(config.method("qlora"), kind="lora", micro_batch_tokens=64)
     with pytest.raises(UserError, match="micro_batch_tokens"):
-        check_fsdp("lora", method, world=2)
+        validate_fsdp(replace(config, methods={"lora": method}), "lora")

@@ -12,7 +12,8 @@ import torch
 from peftlab.config import load_config
 from peftlab.data.prepare import prepare_data, read_split
 from peftlab.train.batches import IGNORE, PadCollator, TokenizedRows
-from peftlab.train.runner import TargetTokenTrainer, train_method
+from peftlab.train.runner import train_method
+from peftlab.train.trainer import TargetTokenTrainer
 
 VOCAB = 262_144
 
@@ -132,7 +133,7 @@ def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind, monkey
 def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):
     from peft import PeftModel
 
-    from peftlab.methods.hybrid import merge_adapters
+    from peftlab.hybrid import merge_adapters
     from peftlab.models import load_model
 
     config, run_dir = smoke
@@ -166,7 +167,7 @@ def test_hybrid_runs_stages_and_sums_resources(smoke):
 
 
 def test_chunked_loss_equals_the_whole_loss_and_its_gradient():
-    import peftlab.train.runner as runner
+    from peftlab.train.loss import target_token_loss_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -174,7 +175,7 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradient():
     targets = torch.randint(0, 50, (37,))
     whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     (expected,) = torch.autograd.grad(whole, hidden)
-    chunked = runner.target_token_loss_sum(hidden, targets, head, None, chunk=8)
+    chunked = target_token_loss_sum(hidden, targets, head, None, chunk=8)
     (got,) = torch.autograd.grad(chunked, hidden)
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
     assert torch.allclose(got, expected, atol=1e-6)
@@ -260,13 +261,14 @@ def test_projected_galore_resumes_to_the_uninterrupted_loss_curve(smoke, tmp_pat
 
 def test_a_hybrid_with_a_single_process_galore_stage_is_refused_before_training(smoke):
     from peftlab.errors import UserError
-    from peftlab.train.runner import check_single_process
+    from peftlab.train.launch import check_launch
 
     config, _ = smoke
     config = replace(config, methods={**config.methods, "galore": _projected(config.method("galore"))})
     with pytest.raises(UserError, match="method 'hybrid': galore with accumulate projected"):
-        check_single_process(config, "hybrid", config.method("hybrid"))
-    check_single_process(config, "qlora", config.method("qlora"))  # nothing to refuse
+        check_launch(config, "hybrid", world=2, fsdp=False)
+    check_launch(config, "qlora", world=2, fsdp=False)  # nothing to refuse
+    check_launch(config, "hybrid", world=1, fsdp=False)  # one process: fine
 
 
 def test_a_finished_method_leaves_no_embedding_in_bitsandbytes_manager(smoke, tmp_path):
@@ -315,7 +317,7 @@ def test_bf16_mixed_precision_trains_adapters_on_a_bf16_base(smoke, tmp_path, mo
 
 def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
     from peftlab.errors import UserError
-    from peftlab.train.runner import check_checkpoint_strategy
+    from peftlab.train.checkpoints import check_checkpoint_strategy
 
     plain, sharded = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
     plain.mkdir()
@@ -331,7 +333,7 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
 
 
 def test_token_budget_slices_cover_every_row_within_the_budget():
-    from peftlab.train.runner import token_budget_slices
+    from peftlab.train.trainer import token_budget_slices
 
     lengths = [5, 30, 12, 12, 3, 40]
     mask = torch.zeros((len(lengths), 40), dtype=torch.long)
@@ -351,11 +353,11 @@ def test_token_budget_slices_cover_every_row_within_the_budget():
 @pytest.mark.parametrize("kind", ["full", "qlora"])
 def test_token_budget_micro_batches_give_the_same_training(smoke, tmp_path, monkeypatch, kind):
     """Slicing each batch into token-budget micro-batches changes memory, not the optimisation."""
-    from peftlab.train import runner
+    from peftlab.train import trainer
 
     counts: list[int] = []
-    real = runner.token_budget_slices
-    monkeypatch.setattr(runner, "token_budget_slices", lambda mask, budget: counts.append(len(real(mask, budget)))
+    real = trainer.token_budget_slices
+    monkeypatch.setattr(trainer, "token_budget_slices", lambda mask, budget: counts.append(len(real(mask, budget)))
                         or real(mask, budget))
     config, run_dir = smoke
     base = "galore" if kind == "galore" else "qlora"
@@ -452,12 +454,13 @@ def test_compile_survives_an_earlier_compiled_model_in_the_same_process(smoke, t
 
 
 def test_compile_is_refused_under_fsdp(smoke):
+    from peftlab.config import validate_fsdp
     from peftlab.errors import UserError
-    from peftlab.train.runner import check_fsdp
 
     config, _ = smoke
+    config = replace(config, methods={"lora": _method(config, "qlora", kind="lora", torch_compile=True)})
     with pytest.raises(UserError, match="torch_compile is not supported with --fsdp"):
-        check_fsdp("lora", _method(config, "qlora", kind="lora", torch_compile=True), 2)
+        validate_fsdp(config, "lora")
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
@@ -469,7 +472,7 @@ def test_target_token_forward_gives_the_trainer_loss_and_gradients(smoke, tmp_pa
 
     from peftlab.methods.lora import lora_config
     from peftlab.models import load_model
-    from peftlab.train.runner import TargetTokens, enable_target_token_forward
+    from peftlab.train.loss import TargetTokens, enable_target_token_forward
 
     config, run_dir = smoke
     model = load_model(config.model, device="cpu", dtype=torch.float32, seed=0)
@@ -526,7 +529,7 @@ def test_drop_tied_head_removes_the_second_copy_from_one_file_or_shards(tmp_path
 
     from safetensors.torch import load_file, save_file
 
-    from peftlab.train.runner import drop_tied_head
+    from peftlab.train.checkpoints import drop_tied_head
 
     embed, other = torch.randn(8, 4), torch.randn(4, 4)
     single = tmp_path / "single"

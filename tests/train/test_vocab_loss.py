@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftlab.train import vocab_loss
-from peftlab.train.runner import target_token_loss_sum
+from peftlab.train.loss import target_token_loss_sum
 
 
 def _tied(vocab: int = 50, width: int = 8):

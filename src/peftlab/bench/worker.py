@@ -23,10 +23,12 @@ def stage_curve(curve: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]
 
 
 def run_ours(spec: BenchSpec) -> dict[str, Any]:
+    from peftlab.hybrid import train_hybrid
     from peftlab.train.runner import train_method
 
     config, run_dir = prepare_workload(spec)
-    metrics = train_method(config, run_dir, spec.method)
+    train = train_hybrid if spec.method == "hybrid" else train_method
+    metrics = train(config, run_dir, spec.method)
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     shared = {"rows": stats["splits"]["train"]["rows"], "mean_seq": stats["splits"]["train"]["mean_tokens"],
               "max_seq_length": config.data.max_seq_length}

@@ -17,6 +17,7 @@ import torch
 
 from peftlab.config import StudyConfig
 from peftlab.data.prepare import read_split
+from peftlab.distributed import distributed_rank_world
 from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
@@ -72,7 +73,7 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     """Generate for every example; under torchrun each process takes every N-th row and the outputs
     are gathered back into the original order on every process."""
     device = device_name()
-    rank, world = _rank_world()
+    rank, world = distributed_rank_world()
     mine = list(range(rank, len(examples), world))
     started = time.perf_counter()
     outputs = generate_all(decode, tokenizer, [examples[i].prompt for i in mine], config.evaluate.batch_size,
@@ -128,17 +129,11 @@ def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[
             "select_by": ensemble.select_by, "validation_rows": len(examples), "validation": trials}
 
 
-def _rank_world() -> tuple[int, int]:
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _init_distributed(device: str) -> None:
     """Under torchrun: one GPU per process and a process group for gathering predictions."""
     import os
 
-    _, world = _rank_world()
+    _, world = distributed_rank_world()
     if world == 1 or torch.distributed.is_initialized():
         return
     if device == "cuda":
@@ -169,7 +164,7 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
                                 prefill_chunk_tokens=config.evaluate.prefill_chunk_tokens)
                   if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
-    rank, world = _rank_world()
+    rank, world = distributed_rank_world()
     if rank != 0:
         return {}
     speed["processes"] = world

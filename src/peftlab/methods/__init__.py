@@ -28,14 +28,26 @@ class BuildContext:
 
 @dataclass
 class Recipe:
+    """What a recipe hands the training loop: the model, how its optimizer is made, what it saves."""
+
     model: Any
-    # A ready optimizer, or None to let the Trainer build `optim` by name.
+    saves: str  # "adapter" (PEFT adapters) or "full" (all weights)
+    # The optimizer as recorded in metrics.json, e.g. "paged_adamw_8bit", "galore_adamw8bit_projected".
+    optimizer_name: str
+    # A ready optimizer, or None to let the Trainer build `trainer_optim` by name.
     optimizer: Any = None
-    optim: str = "adamw_torch"
-    saves: str = "full"  # "adapter" (PEFT adapters) or "full" (all weights)
-    notes: dict[str, Any] = field(default_factory=dict)
+    trainer_optim: str = "adamw_torch"
+    # transformers' `optim_args` / `optim_target_modules` for optimizers it builds (layer-wise GaLore).
+    trainer_optim_args: str | None = None
+    trainer_optim_targets: list[str] | None = None
+    # `galore.projection` of a GaLore optimizer: its projectors are seeded / restored by the Trainer.
+    galore_projection: str | None = None
     # The optimizer applies `max_grad_norm` itself (its gradients are not all in `.grad`).
     clips_gradients: bool = False
+    # False when a checkpoint cannot restore the optimizer (transformers saves no per-weight states).
+    resumable: bool = True
+    # Facts for the report only (counts, dtypes); never read by the training loop.
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def build(kind: str) -> Callable[[BuildContext], Recipe]:

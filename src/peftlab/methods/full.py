@@ -9,4 +9,4 @@ from peftlab.models import load_model
 def build(ctx: BuildContext) -> Recipe:
     model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source)
     optim = "adamw_torch" if ctx.method.optimizer == "auto" else ctx.method.optimizer
-    return Recipe(model=model, optim=optim, saves="full")
+    return Recipe(model=model, saves="full", optimizer_name=optim, trainer_optim=optim)

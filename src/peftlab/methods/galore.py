@@ -7,8 +7,6 @@ projected` sums micro-batches' gradients at rank r instead of at full size (`gal
 
 from __future__ import annotations
 
-import os
-
 from torch import nn
 
 from peftlab.errors import UserError
@@ -56,7 +54,7 @@ def projected_accumulation(model: nn.Module, ctx: BuildContext) -> Recipe:
     """`galore.accumulate: projected` (see `galore_projected`); clips gradients itself."""
     from peftlab.methods.galore_projected import ProjectedGaLore, route_embedding_gradient
 
-    settings = ctx.method.galore  # several processes: refused before training (runner.check_single_process)
+    settings = ctx.method.galore  # several processes: refused by train.launch before any work
     projected, decayed, plain = split_parameters(model, ctx)
     others = [group for group in ({"params": decayed, "weight_decay": ctx.method.weight_decay},
                                   {"params": plain, "weight_decay": 0.0}) if group["params"]]
@@ -71,8 +69,8 @@ def projected_accumulation(model: nn.Module, ctx: BuildContext) -> Recipe:
         except TypeError as error:
             raise UserError(f"galore.accumulate projected with the embedding as a target: {error}") from None
     notes = {"galore_targets": len(projected), "galore_accumulate": "projected", "galore_projection": settings.projection}
-    return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}_projected", saves="full",
-                  notes=notes, clips_gradients=True)
+    return Recipe(model=model, saves="full", optimizer_name=f"galore_{settings.variant}_projected",
+                  optimizer=optimizer, galore_projection=settings.projection, clips_gradients=True, notes=notes)
 
 
 def build(ctx: BuildContext) -> Recipe:
@@ -83,17 +81,16 @@ def build(ctx: BuildContext) -> Recipe:
     model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source)
     settings = ctx.method.galore
     notes = {"galore_targets": len(target_parameter_names(model, settings.targets))}
+    notes["galore_projection"] = settings.projection
     if settings.variant == "layerwise":
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise UserError("galore.variant layerwise is single-GPU (its updates run inside backward); use adamw with --gpus")
-        if ctx.method.grad_accum != 1:
-            raise UserError("galore.variant layerwise updates inside backward: set grad_accum: 1 for this method")
-        # transformers builds the per-parameter optimizers and their hooks for this optim name.
-        notes["optim_args"] = (f"rank={settings.rank}, update_proj_gap={settings.update_proj_gap},"
-                               f" scale={settings.scale}, proj_type={settings.proj_type}")
-        notes["optim_target_modules"] = list(settings.targets)
-        notes["galore_projection"] = settings.projection  # seeded when the Trainer builds its optimizers
-        return Recipe(model=model, optim="galore_adamw_layerwise", saves="full", notes=notes)
+        # transformers builds the per-parameter optimizers and their hooks for this optim name; it saves
+        # none of their states, so a checkpoint cannot resume them.
+        return Recipe(model=model, saves="full", optimizer_name="galore_adamw_layerwise",
+                      trainer_optim="galore_adamw_layerwise",
+                      trainer_optim_args=(f"rank={settings.rank}, update_proj_gap={settings.update_proj_gap},"
+                                          f" scale={settings.scale}, proj_type={settings.proj_type}"),
+                      trainer_optim_targets=list(settings.targets), galore_projection=settings.projection,
+                      resumable=False, notes=notes)
     if settings.accumulate == "projected":  # bitsandbytes' own 8-bit Adam: it has CPU kernels too
         return projected_accumulation(model, ctx)
     if settings.variant == "adamw8bit" and ctx.device != "cuda":
@@ -105,5 +102,5 @@ def build(ctx: BuildContext) -> Recipe:
         from peftlab.methods.galore_basis import seed_projectors
 
         seed_projectors(optimizer)
-    notes["galore_projection"] = settings.projection
-    return Recipe(model=model, optimizer=optimizer, optim=f"galore_{settings.variant}", saves="full", notes=notes)
+    return Recipe(model=model, saves="full", optimizer_name=f"galore_{settings.variant}", optimizer=optimizer,
+                  galore_projection=settings.projection, notes=notes)

@@ -26,4 +26,4 @@ def build(ctx: BuildContext) -> Recipe:
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(ctx.method.lora))
     optim = "adamw_torch" if ctx.method.optimizer == "auto" else ctx.method.optimizer
-    return Recipe(model=model, optim=optim, saves="adapter")
+    return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim)

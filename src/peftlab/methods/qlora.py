@@ -55,4 +55,5 @@ def build(ctx: BuildContext) -> Recipe:
     # bitsandbytes' optimizers cannot step FSDP's sharded (DTensor) parameters.
     auto = "adamw_torch" if ctx.fsdp else "paged_adamw_8bit"
     optim = auto if ctx.method.optimizer == "auto" else ctx.method.optimizer
-    return Recipe(model=model, optim=optim, saves="adapter", notes={"compute_dtype": str(compute).removeprefix("torch.")})
+    return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim,
+                  notes={"compute_dtype": str(compute).removeprefix("torch.")})

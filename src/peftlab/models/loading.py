@@ -77,7 +77,7 @@ def _cached_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     return tokenizer
 
 
-SHIPPED_MODEL_CONFIGS = Path(__file__).parent / "configs" / "models"
+SHIPPED_MODEL_CONFIGS = Path(__file__).parents[1] / "configs" / "models"
 
 
 def read_model_config(path: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The sequential hybrid (report section 9): a list of stages whose outputs feed the next.
+"""The sequential hybrid (report section 9): a sequence of methods whose outputs feed the next.
 
 The study's hybrid is `qlora` (2 epochs) -> `merge` -> `galore` (1 epoch). `merge` folds the
 adapters into the **bf16 base weights** loaded fresh from the original checkpoint (never into the
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import StudyConfig
+from peftlab.config import MethodConfig, StudyConfig
+from peftlab.distributed import distributed_rank_world, join_process_group
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, read_json, write_json
-from peftlab.train.meter import measure
-from peftlab.train.runner import release_memory
+from peftlab.train.launch import check_launch
+from peftlab.train.meter import measure, release_memory
+from peftlab.train.runner import train_method
 
 
 def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
@@ -47,9 +50,10 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
 
 
 def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool = False) -> dict[str, Any]:
-    from peftlab.train.runner import distributed_rank_world, join_process_group, stage_method, train_method
-
+    """Run the hybrid `name`'s stages in order, each skipped when its outputs are complete; rank 0
+    returns the hybrid's metrics (times summed, peaks the maximum over stages)."""
     rank, world = distributed_rank_world()
+    check_launch(config, name, world=world, fsdp=False)
     join_process_group()
     hybrid = config.method(name)
     out = run_dir / "train" / name
@@ -147,3 +151,16 @@ def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> 
         "stages": [{k: v for k, v in s.items() if k not in ("loss_curve", "versions", "method_config")} for s in stages],
         "versions": last.get("versions"),
     }
+
+
+def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | None,
+                 max_steps: int | None) -> MethodConfig:
+    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps."""
+    base = config.method(stage_method_name)
+    changes: dict[str, Any] = {}
+    if epochs is not None:
+        changes["epochs"] = epochs
+        changes["max_steps"] = -1  # the stage's epochs win over the method's own step cap
+    if max_steps is not None:
+        changes["max_steps"] = max_steps
+    return replace(base, **changes)

@@ -1,0 +1,226 @@
+"""The Trainer that runs every method's steps: `TargetTokenTrainer` (the target-token loss, token-budget
+micro-batch slices, GaLore projector seeding), its `TrainingArguments`, and the loop's callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peftlab.config import MethodConfig
+from peftlab.methods import Recipe
+from peftlab.models import base_model
+from peftlab.train.loss import (
+    TargetTokens,
+    enable_target_token_forward,
+    final_hidden_states,
+    target_token_mean,
+)
+
+
+class TargetTokenTrainer(Trainer):
+    """`Trainer` whose loss computes vocabulary logits only at positions that have a target.
+
+    The vocabulary is 262,144 for Gemma 3: logits for every position of every row dominate memory
+    and time, while the loss needs them only where labels are set (assistant tokens by default),
+    and even those are computed in recomputed chunks. The value equals the usual token-mean
+    cross-entropy over the accumulated batch (tested). Under FSDP the same loss is computed inside the
+    wrapped forward (`enable_target_token_forward`).
+    """
+
+    def __init__(self, *args, loss_chunk_tokens: int = 256, micro_batch_tokens: int | None = None,
+                 galore_projection: str | None = None, **kwargs) -> None:
+        """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
+        `micro_batch_tokens`: split each micro-batch into slices of at most this many padded tokens.
+        `galore_projection`: a GaLore recipe's `galore.projection`; the per-weight optimizers that
+        transformers builds (layer-wise) get its projectors, and a resumed optimizer's are restored."""
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.micro_batch_tokens = micro_batch_tokens
+        self.galore_projection = galore_projection
+        self.tokens_seen: torch.Tensor | None = None
+        self._batch_targets: torch.Tensor | None = None
+        if self.is_fsdp_enabled:
+            # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
+            enable_target_token_forward(base_model(self.model))
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.galore_projection == "gram":
+            from peftlab.methods.galore_basis import seed_projectors
+
+            for inner in (getattr(optimizer, "optimizer_dict", None) or {}).values():
+                seed_projectors(inner)
+        return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.galore_projection is not None:
+            from peftlab.methods.galore_basis import restore_projectors
+
+            restore_projectors(getattr(self.optimizer, "optimizer", self.optimizer),  # accelerate's wrapper
+                               self.galore_projection)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.micro_batch_tokens is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
+        if len(slices) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            # Each slice's loss is divided by the whole batch's target count, not its own (see compute_loss).
+            self._batch_targets = (inputs["labels"][:, 1:] != -100).sum()
+        shape = inputs["attention_mask"].shape
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        total = None
+        try:
+            for index, (rows, length) in enumerate(slices):
+                part = {key: value[rows, :length] if torch.is_tensor(value) and value.shape[:2] == shape else value
+                        for key, value in inputs.items()}
+                # DDP: all-reduce the gradients once, on the batch's last slice.
+                last = index == len(slices) - 1
+                sync = contextlib.nullcontext() if last or deepspeed or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    loss = super().training_step(model, part, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self._batch_targets = None
+        return total
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # An optimizer that clips its own gradients (projected GaLore) knows the norm; `.grad` does not.
+        own = getattr(self.optimizer, "optimizer", self.optimizer)
+        if getattr(own, "last_grad_norm", None) is not None:
+            grad_norm = own.last_grad_norm
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen = inputs["attention_mask"].sum()
+        self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
+        labels = inputs["labels"]
+        if num_items_in_batch is not None:
+            count = num_items_in_batch
+        else:
+            count = self._batch_targets if self._batch_targets is not None else (labels[:, 1:] != -100).sum()
+        # `count` is the token count of all ranks, and DDP / FSDP average gradients over ranks.
+        scale = (self.accelerator.num_processes
+                 if num_items_in_batch is not None and self.args.average_tokens_across_devices else None)
+        causal_lm = base_model(model)
+        if self.is_fsdp_enabled:
+            # Sharded weights exist whole only inside the wrapped forward: the loss is computed there
+            # (`enable_target_token_forward`), through the root so that FSDP gathers them.
+            request = TargetTokens(labels, count, scale, self.loss_chunk_tokens)
+            with self.accelerator.autocast():
+                returned = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 target_tokens=request).loss
+            loss = returned.float()
+            if returned.dtype != torch.float32:
+                # FSDP's mixed-precision policy cast the returned loss to bf16: restore the fp32 value;
+                # the gradient still flows through `returned` (FSDP's pre-backward hooks are on it).
+                loss = loss + (request.value - loss.detach())
+            return (loss, None) if return_outputs else loss
+        # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+        loss = target_token_mean(causal_lm, hidden, labels, count, scale, self.loss_chunk_tokens)
+        return (loss, None) if return_outputs else loss
+
+
+def token_budget_slices(attention_mask: torch.Tensor, budget: int | None) -> list[tuple[torch.Tensor, int]]:
+    """Split a right-padded batch into slices of at most `budget` padded tokens (rows x longest row).
+
+    Rows are taken longest first, so each slice is cut to its own longest row; a row longer than the
+    budget forms a slice alone. Returns (row indices, length) per slice; one slice = no split needed.
+    """
+    lengths = attention_mask.sum(dim=1)
+    if budget is None or attention_mask.shape[0] * int(lengths.max()) <= budget:
+        return [(torch.arange(attention_mask.shape[0], device=attention_mask.device), attention_mask.shape[1])]
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    values = lengths.tolist()
+    slices: list[list[int]] = []
+    for row in order:
+        if slices and (len(slices[-1]) + 1) * values[slices[-1][0]] <= budget:
+            slices[-1].append(row)
+        else:
+            slices.append([row])
+    return [(torch.tensor(rows, device=attention_mask.device), int(values[rows[0]])) for rows in slices]
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after a given optimizer step (used to test interrupt + resume)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe,
+                       fsdp: bool = False) -> TrainingArguments:
+    """The Trainer's arguments for one method: its hyperparameters, checkpoints under `out`, the device's
+    precision, and (with `fsdp`) sharding of every decoder layer."""
+    extra: dict[str, Any] = {}
+    if fsdp:
+        layer = base_model(recipe.model).get_decoder().layers[0]
+        extra["fsdp"] = True
+        # Checkpointing stays the Trainer's: accelerate's FSDP activation checkpointing renames the
+        # wrapped modules (PEFT then saves empty adapters) and replays dropout with a new RNG state.
+        extra["fsdp_config"] = {"transformer_layer_cls_to_wrap": [type(layer).__name__],
+                                "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False}
+    if recipe.trainer_optim_args is not None:
+        extra["optim_args"] = recipe.trainer_optim_args
+        extra["optim_target_modules"] = recipe.trainer_optim_targets
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=method.batch_size,
+        gradient_accumulation_steps=method.grad_accum,
+        learning_rate=method.lr,
+        weight_decay=method.weight_decay,
+        warmup_steps=method.warmup_steps,
+        lr_scheduler_type=method.scheduler,
+        max_grad_norm=0.0 if recipe.clips_gradients else method.max_grad_norm,
+        num_train_epochs=method.epochs,
+        max_steps=method.max_steps,
+        logging_steps=method.logging_steps,
+        save_steps=method.save_steps,
+        save_total_limit=method.save_total_limit,
+        save_only_model=False,
+        seed=method.seed,
+        data_seed=method.seed,
+        train_sampling_strategy=method.sampling,
+        include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        gradient_checkpointing=method.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=recipe.trainer_optim,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def adapter_inputs_uncast(model, autocast_bf16: bool):
+    """Under bf16 autocast, stop PEFT from casting every adapter input to the adapters' fp32.
+
+    Autocast (on for every forward: see `TargetTokenTrainer.compute_loss`) runs the adapter matmuls
+    in bf16 anyway, so that cast only adds two copies of each adapted layer's input per step (fp32
+    copies were 12% of QLoRA's GPU time in the H200 profile). Without autocast (CPU, fp32) it is off.
+    """
+    from contextlib import nullcontext
+
+    if not autocast_bf16 or not hasattr(model, "peft_config"):
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
