@@ -81,6 +81,12 @@ def _summary(bleu: float, rouge: float, n: int) -> dict[str, Any]:
         "rougeL_ci": [rouge - 0.021, rouge + 0.02],
         "rouge1": rouge + 0.03,
         "rouge2": rouge / 2,
+        "exact_match": round(bleu * 100) / n,
+        "exact_match_ci": [0.0, 0.5],
+        "exact_match_count": round(bleu * 100),
+        "exact_match_norm": round(rouge * 40) / n,
+        "exact_match_norm_ci": [0.0, 0.9],
+        "exact_match_norm_count": round(rouge * 40),
     }
 
 
@@ -371,8 +377,12 @@ def test_quality_table_has_formatted_scores(built: tuple[Path, dict[str, Path]])
         ("ensemble", "Ensemble"),
     ):
         assert f"{QUALITY[model][0]:.4f}" in rows[label]
-    assert "+0.0422 (+82.4%)" in rows["QLoRA"]  # delta vs base, absolute and relative
+    # without "metrics" in results.json, ROUGE-L leads: its delta vs base, absolute and relative
+    assert "+0.0777 (+47.6%)" in rows["QLoRA"]
     assert "[0.0392, 0.0642]" in rows["Base"]  # CI
+    # exact match and normalised exact match for every model, with the matching rows
+    assert "0.4167 (5/12)" in rows["Base"] and "0.5833 (7/12)" in rows["Base"]
+    assert quality.index("| ROUGE-L | BLEU-4 |") < quality.index("| Exact match | Normalised EM |")
 
 
 def test_resources_show_generation_speed_and_decoder(built: tuple[Path, dict[str, Path]]) -> None:
@@ -405,14 +415,19 @@ def test_generation_speed_without_training_and_with_odd_records(tmp_path: Path) 
     assert "2 step-downs, 0 eager batches" in resources
 
 
-def test_findings_mention_comparisons_with_p_values(built: tuple[Path, dict[str, Path]]) -> None:
-    findings = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Headline findings")
-    assert "QLoRA vs GaLore: BLEU-4: +0.0063, p=0.31, not significant" in findings
-    assert "QLoRA vs Hybrid: BLEU-4: −0.0078, p=0.048, significant" in findings
-    assert "paired bootstrap, 1,000 resamples" in findings
-    assert "Every fine-tuned model beats Base on BLEU-4 and ROUGE-L" in findings
+def test_findings_and_pairwise_significance(built: tuple[Path, dict[str, Path]]) -> None:
+    markdown = (built[0] / "report.md").read_text(encoding="utf-8")
+    findings = _section(markdown, "Headline findings")
+    assert "Every fine-tuned model beats Base on ROUGE-L and BLEU-4" in findings
     assert "Lowest peak GPU memory: QLoRA, 3.10 GiB" in findings
     assert "Fastest training: QLoRA" in findings
+    assert " vs " not in findings.replace("(vs ", "")  # the pairwise tests have their own section
+    pairwise = _section(markdown, "Pairwise significance")
+    assert "Paired bootstrap, 1,000 resamples" in pairwise
+    # this results.json predates Holm: the raw p-values are shown and said to be uncorrected
+    assert "not corrected for multiple comparisons" in pairwise and "Holm p" not in pairwise
+    assert "| QLoRA | GaLore | 0.0934 | 0.0871 | +0.0063 [−0.0037, 0.0163] | 0.31 | no |" in pairwise
+    assert "| QLoRA | Hybrid | 0.0934 | 0.1012 | −0.0078 [−0.0178, 0.0022] | 0.048 | **yes** |" in pairwise
 
 
 def test_beats_base_only_when_true(tmp_path: Path) -> None:
@@ -430,8 +445,11 @@ def test_html_escapes_model_output(built: tuple[Path, dict[str, Path]]) -> None:
     markdown = (built[0] / "report.md").read_text(encoding="utf-8")
     assert SCRIPT in markdown  # inside a fenced block, where it is literal
     examples = _section(markdown, "Qualitative examples")
-    assert 5 <= examples.count("### Example") <= 10
+    assert 5 <= examples.count("<summary><b>Example") <= 10
+    assert examples.count("<details open>") == 1 and examples.count("</details>") == examples.count("<details")
     assert {s for s in SOURCES if f"· {s} ·" in examples} == set(SOURCES)
+    # collapsible and capped in height in the HTML page
+    assert html.count('<details class="example"') == examples.count("<details") and "max-height:15em" in html
 
 
 def test_cpu_run_says_gpu_memory_is_na(tmp_path: Path) -> None:
@@ -464,7 +482,7 @@ def test_partial_results(tmp_path: Path) -> None:
 
 
 def test_missing_results_raises_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"no results\.json; run `peftlab study`"):
+    with pytest.raises(UserError, match=r"no results\.json; `peftlab report .*` rebuilds it"):
         build_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
 
@@ -476,7 +494,7 @@ def test_without_comparisons_claims_no_significance(tmp_path: Path) -> None:
     (run / "results.json").write_text(json.dumps(results))
     build_report(run)
     findings = _section((run / "report.md").read_text(encoding="utf-8"), "Headline findings")
-    assert "beats Base on BLEU-4 and ROUGE-L (no significance tests against Base" in findings
+    assert "beats Base on ROUGE-L and BLEU-4 (no significance tests against Base" in findings
     assert " significant" not in findings.replace("no significance", "")
     assert "p=" not in findings
 

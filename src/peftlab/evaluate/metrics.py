@@ -45,9 +45,9 @@ multiple comparisons (Holm's step-down).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import re
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
