@@ -79,7 +79,7 @@ SCORE_KEYS = (
 )
 MODEL_KEYS = (*SCORE_KEYS, "n", "limit", "per_source", "generation")
 # results.json of peftlab before schema 2 compared these two only.
-LEGACY_METRICS = ["bleu4", "rougeL"]
+LEGACY_METRICS = ["rougeL", "bleu4"]
 
 
 def _predictions(run_dir: Path, model: str) -> list[dict[str, Any]] | None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from peftlab.cli import main
+from peftlab.config import dump_config, load_config
 from peftlab.errors import UserError
 from peftlab.report import build_report
 
@@ -457,8 +459,12 @@ def test_cpu_run_says_gpu_memory_is_na(tmp_path: Path) -> None:
     written = build_report(run)
     markdown = (run / "report.md").read_text(encoding="utf-8")
     assert "peak GPU memory is n/a" in _section(markdown, "Headline findings")
-    assert "n/a (CPU)" in _section(markdown, "Resources")
     assert "plots/memory_vs_quality.png" in written
+    resources = _section(markdown, "Resources")
+    assert "No GPU in this run" in resources and "Generation speed (CPU)" in resources
+    for gpu_only in ("Graph replays", "Out of GPU memory", "GPU alloc", "n/a (CPU)"):
+        assert gpu_only not in resources
+    assert "RSS memory budget" in _section(markdown, "Recommendation")
 
 
 def test_partial_results(tmp_path: Path) -> None:
@@ -516,3 +522,188 @@ def test_helpers() -> None:
     assert (
         escape("a|b *c* <script> p < 0.05 snake_case _x") == r"a\|b \*c\* \<script> p < 0.05 snake_case \_x"
     )
+
+
+# ------------------------------------------------------------------------------ recommendation (no plots)
+
+
+def _run_data(quality: dict[str, float], peaks: dict[str, float], p_holm: dict[tuple[str, str], float],
+              seeds: dict[str, list[float]] | None = None) -> Any:
+    """A RunData built straight from a synthetic results dict (ROUGE-L only)."""
+    from peftlab.report.load import RunData
+
+    models = {}
+    for name, value in quality.items():
+        entry: dict[str, Any] = {"n": 100, "rougeL": value, "rougeL_ci": [value - 0.02, value + 0.02]}
+        if seeds and name in seeds:
+            values = seeds[name]
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            entry = {"n": 100, "rougeL": mean, "rougeL_sd": sd, "n_seeds": len(values),
+                     "seeds": {str(42 + i): {"n": 100, "rougeL": v} for i, v in enumerate(values)}}
+        models[name] = entry
+    comparisons = [
+        {"a": a, "b": b, "metric": "rougeL", "diff": quality[a] - quality[b], "p_value": p / 2, "p_holm": p,
+         "ci": [0.0, 0.0]}
+        for (a, b), p in p_holm.items()
+    ]
+    results = {"metrics": ["rougeL"], "models": models, "comparisons": comparisons,
+               "training": {m: {"peak_gpu_alloc_gib": v, "gpu_name": "H100", "device": "cuda"} for m, v in peaks.items()}}
+    run = RunData(Path("run"), results, models, results["training"], {}, {}, None, {})
+    run.names = list(models)
+    return run
+
+
+def test_recommendation_picks_the_best_method_under_each_budget() -> None:
+    from peftlab.report.recommend import budget_table, recommendation_sentence, verdict
+
+    run = _run_data(
+        {"base": 0.10, "qlora": 0.20, "galore": 0.23, "hybrid": 0.21},
+        {"qlora": 1.45, "galore": 3.45, "hybrid": 3.76},
+        {("galore", "qlora"): 0.01, ("galore", "hybrid"): 0.40, ("hybrid", "qlora"): 0.60,
+         ("qlora", "base"): 0.001, ("galore", "base"): 0.001, ("hybrid", "base"): 0.001},
+    )
+    peaks = {"qlora": 1.45, "galore": 3.45, "hybrid": 3.76}
+    rows = budget_table(run, peaks, "rougeL", {}).rows
+    assert [(r[0], r[2].text) for r in rows] == [("≤ 1.45 GiB", "QLoRA"), ("≤ 3.45 GiB", "GaLore"),
+                                                 ("≤ 3.76 GiB", "GaLore")]
+    assert rows[0][5] == "only QLoRA fits"
+    assert rows[1][5].startswith("GaLore scores significantly higher than QLoRA on ROUGE-L (+0.0300")
+    assert "Holm-adjusted p=0.010" in rows[1][5]
+    assert rows[2][5].startswith("GaLore and Hybrid do not differ significantly on ROUGE-L (+0.0200, p=0.20")
+    # GaLore is significantly better than the cheaper QLoRA and no worse than anything: it is the pick
+    assert recommendation_sentence(run, peaks, "rougeL").startswith("Recommendation: GaLore, the highest ROUGE-L")
+    # when QLoRA's deficit is not significant, the cheapest method within noise of the best is recommended
+    run.results["comparisons"][0]["p_holm"] = 0.2
+    assert recommendation_sentence(run, peaks, "rougeL").startswith(
+        "Recommendation: QLoRA (1.45 GiB GPU peak, ROUGE-L 0.2000): GaLore scores higher (0.2300) but not significantly")
+    assert verdict(run, "qlora", "galore", "rougeL").better == "galore"
+
+
+def test_seed_spread_decides_when_several_seeds() -> None:
+    from peftlab.report.recommend import verdict
+
+    run = _run_data({"qlora": 0.20, "galore": 0.22, "hybrid": 0.30}, {"qlora": 1.0, "galore": 2.0, "hybrid": 3.0},
+                    {("galore", "qlora"): 0.001},
+                    seeds={"qlora": [0.19, 0.20, 0.23], "galore": [0.21, 0.22, 0.25], "hybrid": [0.29, 0.30, 0.31]})
+    within = verdict(run, "galore", "qlora", "rougeL")
+    assert within.significant is False  # the bootstrap says p=0.001, but the seed ranges overlap
+    assert "seed ranges 0.2100–0.2500 and 0.1900–0.2300 overlap" in within.text
+    beyond = verdict(run, "hybrid", "galore", "rougeL")
+    assert beyond.significant is True and "exceeds the spread between seeds" in beyond.text
+
+
+def test_seed_repeats_section(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    for name, values in {"qlora": [0.23, 0.24, 0.25], "galore": [0.20, 0.21, 0.26]}.items():
+        entry = results["models"][name]
+        entry["seeds"] = {str(42 + i): {**entry, "rougeL": v} for i, v in enumerate(values)}
+        entry.update(rougeL=sum(values) / 3, rougeL_sd=0.01, n_seeds=3)
+    results["metrics"] = ["rougeL", "bleu4"]
+    (run / "results.json").write_text(json.dumps(results))
+    build_report(run)
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    seeds = _section(markdown, "Seed repeats")
+    assert "| QLoRA | 3 | 0.2400 | 0.0100 | 0.2300–0.2500 | 0.2300, 0.2400, 0.2500 |" in seeds
+    assert "| QLoRA | GaLore | +0.0167 | no |" in seeds
+    assert "0.2400 ± 0.0100 SD, 3 seeds" in _section(markdown, "Quality")
+
+
+def test_hybrid_recipe_row_shows_each_stage(built: tuple[Path, dict[str, Path]]) -> None:
+    reproduce = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Reproduce")
+    row = next(line for line in reproduce.splitlines() if line.startswith("| Hybrid |"))
+    assert "QLoRA 1 epoch + GaLore 40 steps" in row and "QLoRA 0.0002, GaLore 1e-05" in row
+    assert "3 epochs" not in row and "QLoRA → merge → GaLore" in row
+
+
+def test_budget_flags_and_training_time_with_merge(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    hybrid = json.loads((run / "train" / "hybrid" / "metrics.json").read_text())
+    hybrid["train_time_s"] -= 12.5  # as the hybrid records it: its training stages only
+    hybrid["optimizer_steps"] = 9
+    hybrid["stages"][0]["optimizer_steps"], hybrid["stages"][2]["optimizer_steps"] = 4, 5
+    (run / "train" / "hybrid" / "metrics.json").write_text(json.dumps(hybrid))
+    build_report(run)
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    assert "Unequal training budgets" in _section(markdown, "Recommendation")
+    assert "optimizer steps QLoRA 40, GaLore 40, Hybrid 9 (4 + 5)" in _section(markdown, "Recommendation")
+    assert "the times are for unequal budgets" in _section(markdown, "Headline findings")
+    resources = _section(markdown, "Resources")
+    hybrid_row = next(line for line in resources.splitlines() if line.startswith("| Hybrid | hybrid"))
+    assert "1,686 s (28.1 min)" in hybrid_row  # 620 + 12.5 merge + 1,054
+
+
+def test_reproduce_gives_the_exact_command(tmp_path: Path) -> None:
+    from peftlab.config import BUILTIN_CONFIG_DIR
+
+    run = make_run(tmp_path)
+    (run / "env.json").write_text(json.dumps({
+        "config_file": str(BUILTIN_CONFIG_DIR / "samples.yaml"),
+        "command": "__main__.py study configs/samples.yaml --out /tmp/study --set data.seed=7 "
+                   "--set evaluate.batch_size=128",
+    }))
+    build_report(run)
+    code = _section((run / "report.md").read_text(encoding="utf-8"), "Reproduce")
+    assert ("peftlab study samples \\\n  --set data.seed=7 \\\n  --set evaluate.batch_size=128 \\\n"
+            "  --out /tmp/study\npeftlab report /tmp/study") in code
+
+
+# ------------------------------------------------------------------ peftlab report DIR: rebuild results.json
+
+
+def test_report_rebuilds_results_json_from_the_stage_outputs(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path)
+    ensemble = json.loads((run / "results.json").read_text())["ensemble"]
+    (run / "results.json").unlink()
+    path = run / "eval" / "ensemble" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ensemble": ensemble}))  # as evaluate writes it
+    (run / "config.resolved.yaml").write_text(dump_config(load_config("smoke")), encoding="utf-8")
+    # an evaluation from before exact match: scored from its predictions instead
+    path = run / "eval" / "galore" / "metrics.json"
+    metrics = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("exact_match")}
+    path.write_text(json.dumps(metrics))
+
+    assert main(["report", str(run)]) == 0
+    assert "rebuilt" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema"] == 2 and results["metrics"] == ["rougeL", "bleu4", "exact_match_norm"]
+    assert set(results["models"]) == {"base", "qlora", "galore", "hybrid", "ensemble"}
+    galore = results["models"]["galore"]
+    # galore's answers are the reference's first 8-10 words: never an exact match, by either rule
+    assert galore["exact_match"] == 0.0 and galore["exact_match_norm_count"] == 0
+    assert galore["per_source"]["tulu"]["exact_match_norm"] == 0.0
+    # 5 models -> 10 pairs per metric, each family Holm-corrected on its own
+    assert results["multiple_comparisons"]["tests"] == {"rougeL": 10, "bleu4": 10, "exact_match_norm": 10}
+    assert all(c["p_holm"] >= c["p_value"] for c in results["comparisons"])
+    assert results["ensemble"]["alpha"] == 0.5 and results["training"]["hybrid"]["merge_time_s"] == 12.5
+    assert (run / "report.md").read_text(encoding="utf-8").split("\n## ")[1].startswith("Recommendation")
+
+
+def test_report_without_results_or_config_says_what_to_run(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no results.json and no config.resolved.yaml to rebuild it from; run `peftlab study CONFIG --out {tmp_path}`" in err
+    (tmp_path / "config.resolved.yaml").write_text(dump_config(load_config("smoke")), encoding="utf-8")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no evaluated model; run `peftlab evaluate CONFIG --model base" in capsys.readouterr().err
+
+
+def test_report_upgrades_an_older_results_json_without_predictions(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path)
+    for path in (run / "eval").glob("*/predictions.jsonl"):
+        path.unlink()
+    assert main(["report", str(run)]) == 0
+    assert "Holm-adjusted p-values added" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema"] == 2 and results["metrics"] == ["rougeL", "bleu4"]
+    # per metric: 4 pairs with Base at p=0.002, then 0.0021, 0.048, three at 0.2 and 0.31 (Holm by hand)
+    p_holm = {(c["a"], c["b"], c["metric"]): c["p_holm"] for c in results["comparisons"]}
+    assert p_holm[("ensemble", "base", "bleu4")] == pytest.approx(0.02)
+    assert p_holm[("ensemble", "galore", "rougeL")] == pytest.approx(0.02)  # 6 x 0.0021 < 0.02: monotone
+    assert p_holm[("hybrid", "qlora", "bleu4")] == pytest.approx(0.24)
+    assert p_holm[("galore", "qlora", "bleu4")] == pytest.approx(0.8)
+    pairwise = (run / "report.md").read_text(encoding="utf-8").split("## Pairwise significance")[1]
+    assert "Holm's step-down correction within each metric" in pairwise
+    assert "| QLoRA | Hybrid | 0.0934 | 0.1012 | −0.0078 [−0.0178, 0.0022] | 0.048 | 0.24 | no |" in pairwise

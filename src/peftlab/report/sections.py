@@ -239,19 +239,24 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
             f"{fmt.join_names(untrained)}: no training run of {'their' if len(untrained) > 1 else 'its'} own."
         )
     table = Table(headers, rows, "llrrrrrrrrr", notes=notes)
-    if run.cpu_only:  # no GPU anywhere: the GPU columns would only say so on every row
-        keep = [i for i, h in enumerate(headers) if "GPU" not in h]
-        table = Table([headers[i] for i in keep], [[r[i] for i in keep] for r in rows],
-                      "".join(table.align[i] for i in keep), notes=notes)
+    if run.cpu_only:
         notes[0] = "GiB = 2³⁰ bytes. No GPU in this run: memory is the training process's peak RSS."
-    blocks: list[Any] = [table]
+    blocks: list[Any] = [_without_gpu_columns(table) if run.cpu_only else table]
     for method in run.trained:
         stages = [s for s in run.training[method].get("stages") or [] if isinstance(s, dict)]
         if stages:
-            blocks.append(_stage_table(method, stages))
+            stage_table = _stage_table(method, stages)
+            blocks.append(_without_gpu_columns(stage_table) if run.cpu_only else stage_table)
     if speed is not None:
         blocks.append(speed)
     return blocks
+
+
+def _without_gpu_columns(table: Table) -> Table:
+    """The table less its GPU columns: on a run without a GPU they would only say so on every row."""
+    keep = [i for i, h in enumerate(table.headers) if "GPU" not in h]
+    return Table([table.headers[i] for i in keep], [[r[i] for i in keep] for r in table.rows],
+                 "".join(table.align[i] for i in keep), caption=table.caption, notes=table.notes)
 
 
 def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
