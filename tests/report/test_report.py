@@ -707,3 +707,21 @@ def test_report_upgrades_an_older_results_json_without_predictions(tmp_path: Pat
     pairwise = (run / "report.md").read_text(encoding="utf-8").split("## Pairwise significance")[1]
     assert "Holm's step-down correction within each metric" in pairwise
     assert "| QLoRA | Hybrid | 0.0934 | 0.1012 | −0.0078 [−0.0178, 0.0022] | 0.048 | 0.24 | no |" in pairwise
+
+
+def test_aggregate_seeds_shape() -> None:
+    from peftlab.results import aggregate_seeds
+
+    def entry(rouge: float, peak: float) -> dict[str, Any]:
+        return {"n": 12, "rougeL": rouge, "rougeL_ci": [rouge - 0.1, rouge + 0.1], "peak_gpu_alloc_gib": peak,
+                "generation": {"tokens_per_s": 10.0}, "per_source": {"a": {"n": 6, "rougeL": rouge / 2}}}
+
+    one = entry(0.2, 1.0)
+    assert aggregate_seeds({42: one}) == one  # one seed: nothing changes
+    merged = aggregate_seeds({42: entry(0.2, 1.0), 43: entry(0.3, 1.5), 44: entry(0.4, 1.2)})
+    assert merged["n_seeds"] == 3 and list(merged["seeds"]) == ["42", "43", "44"]
+    assert merged["rougeL"] == pytest.approx(0.3) and merged["rougeL_sd"] == pytest.approx(0.1)
+    assert "rougeL_ci" not in merged and merged["n"] == 12 and merged["peak_gpu_alloc_gib"] == 1.5
+    assert merged["per_source"]["a"]["rougeL"] == pytest.approx(0.15)
+    assert merged["per_source"]["a"]["rougeL_sd"] == pytest.approx(0.05)
+    assert merged["seeds"]["43"]["rougeL_ci"] == pytest.approx([0.2, 0.4])

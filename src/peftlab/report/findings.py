@@ -193,9 +193,10 @@ def _speed(run: RunData) -> list[Bullet]:
     parts = []
     if len(times) > 1:
         best = min(times, key=times.__getitem__)
+        unit = fmt.time_unit(max(times.values()))
         parts.append(
-            f"Fastest training: {display(best)}, {fmt.short_duration(times[best])}"
-            + _others(times, best, fmt.short_duration)
+            f"Fastest training: {display(best)}, {fmt.duration_in(times[best], unit)}"
+            + _others(times, best, lambda seconds: fmt.duration_in(seconds, unit))
         )
     elif times:
         ((name, seconds),) = times.items()

@@ -134,6 +134,8 @@ def load_run(run_dir: Path) -> RunData:
         path.parent.name: read_jsonl(path) for path in sorted((run_dir / "eval").glob("*/predictions.jsonl"))
     }
     stats = _read_optional(run_dir / "data" / "stats.json")
+    if stats is None:  # a published run directory keeps only the statistics of data/ (results/samples-270m)
+        stats = _read_optional(run_dir / "data-stats.json")
     env = _read_optional(run_dir / "env.json")
     run = RunData(
         run_dir=run_dir,

@@ -191,7 +191,10 @@ def memory_vs_quality(run: RunData, colors: Colors, folder: Path) -> Plot | None
         )
     xmax = max(peaks.values())
     ax.set_xlim(0, xmax * 1.3 if xmax > 0 else 1)
-    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))  # scores are never negative
+    low, high = ax.get_ylim()
+    if is_number(base):  # keep Base's line inside the axes, with room for its label
+        low = min(low, base - 0.08 * (high - low))
+    ax.set_ylim(max(0.0, low), high)  # scores are never negative
     _label_points(fig, ax, {m: (x, float(run.quality[m][metric])) for m, x in peaks.items()}, colors)
     ax.set_xlabel("Peak GPU memory allocated while training (GiB)" if run.on_gpu
                   else "Peak process RSS while training (GiB); no GPU")
@@ -363,7 +366,7 @@ def _time_panel(ax: Axes, run: RunData, methods: list[str], colors: Colors) -> N
                 ax.text(i, bottom + height / 2, display(name), ha="center", va="center", fontsize=8,
                         color="white", fontweight="bold")
             elif name:  # too thin to hold its name: label it beside the bar
-                ax.annotate(f"{display(name)} {fmt.duration_in(seconds, unit)}", (i + 0.31, bottom + height / 2),
+                ax.annotate(f"{display(name)} {fmt.short_duration(seconds)}", (i + 0.31, bottom + height / 2),
                             xytext=(6, 0), textcoords="offset points", va="center", fontsize=7.5,
                             color="#333333", arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.8})
             bottom += height

@@ -163,7 +163,7 @@ def budget_table(run: RunData, peaks: dict[str, float], metric: str, colors: Col
     corrected = any(is_number(c.get("p_holm")) for c in run.comparisons)
     test = "paired bootstrap, Holm-corrected per metric" if corrected else "paired bootstrap (uncorrected: no Holm p-values recorded)"
     notes = [f"Under each score its 95% bootstrap CI (or SD over seeds). Significance: {test}, p < {fmt.ALPHA}."]
-    return Table(headers, rows, "llrrrl", caption=f"Best method per memory budget ({unit} peak while training)",
+    return Table(headers, rows, "lllrrl", caption=f"Best method per memory budget ({unit} peak while training)",
                  notes=notes)
 
 

@@ -385,7 +385,10 @@ def per_source_blocks(run: RunData, colors: Colors) -> list[Any]:
             Table(headers, rows, "lr" + "r" * len(models), caption=f"{metric_name(metric)} per source")
         )
     if blocks:
-        blocks[-1].notes.append("Best model per source in bold; exact matches: matching rows in parentheses.")
+        exact = any(m.startswith("exact_match") for m in metrics if any(
+            is_number(run.quality[x]["per_source"].get(s, {}).get(m)) for x in models for s in sources))
+        blocks[-1].notes.append("Best model per source in bold" + ("; exact matches: matching rows in parentheses."
+                                                                    if exact else "."))
     return blocks
 
 
