@@ -192,9 +192,10 @@ def memory_vs_quality(run: RunData, colors: Colors, folder: Path) -> Plot | None
     xmax = max(peaks.values())
     ax.set_xlim(0, xmax * 1.3 if xmax > 0 else 1)
     low, high = ax.get_ylim()
-    if is_number(base):  # keep Base's line inside the axes, with room for its label
-        low = min(low, base - 0.08 * (high - low))
-    ax.set_ylim(max(0.0, low), high)  # scores are never negative
+    margin = 0.08 * (high - low)
+    lowest = min([float(run.quality[m][metric]) for m in peaks] + ([float(base)] if is_number(base) else []))
+    # Base's line and every point inside the axes with room for labels; below 0 only to show a score of 0.
+    ax.set_ylim(max(min(low, lowest - margin), -margin), high)
     _label_points(fig, ax, {m: (x, float(run.quality[m][metric])) for m, x in peaks.items()}, colors)
     ax.set_xlabel("Peak GPU memory allocated while training (GiB)" if run.on_gpu
                   else "Peak process RSS while training (GiB); no GPU")

@@ -190,7 +190,9 @@ def recommendation_sentence(run: RunData, peaks: dict[str, float], metric: str) 
         return (f"Recommendation: {display(best)}, the highest {name} ({fmt.score(score_of(run, best, metric))}),"
                 f" significantly above every other method, at {fmt.gib(peaks[best])} GiB {unit} peak{caveat}.")
     if pick == best:
-        return (f"Recommendation: {display(best)}, the highest {name} ({fmt.score(score_of(run, best, metric))})"
+        tied = any(score_of(run, m, metric) == score_of(run, best, metric) for m in peaks if m != best)
+        return (f"Recommendation: {display(best)}, {'tied for ' if tied else ''}the highest {name}"
+                f" ({fmt.score(score_of(run, best, metric))})"
                 f" and the least memory ({fmt.gib(peaks[best])} GiB {unit} peak) of the methods within noise of it"
                 f"{caveat}.")
     return (f"Recommendation: {display(pick)} ({fmt.gib(peaks[pick])} GiB {unit} peak, {name}"
