@@ -1,19 +1,27 @@
-"""Shared fixtures: paths to the real samples (skipped when ../shared is absent) and the Gemma tokenizer."""
+"""Shared fixtures: the real dataset samples (skipped when absent) and the Gemma tokenizer.
+
+The samples are local copies of Alpaca, Tulu v2 and UltraChat rows that the repository does not ship:
+`PEFTLAB_SAMPLES` names their folder (default: `shared/data/seeds-samples` beside the checkout).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "data" / "seeds-samples"
+SAMPLES = Path(os.environ.get("PEFTLAB_SAMPLES") or REPO.parent / "shared" / "data" / "seeds-samples")
+# Each source of configs/samples.yaml and its file in the samples folder.
+SAMPLE_FILES = ("alpaca/alpaca_4000.json", "tulu-v2-sft-mixture/tulu_v2_200.jsonl",
+                "ultrachat_200k/ultrachat_800.jsonl")
 
 
 def requires_samples() -> Path:
     if not SAMPLES.is_dir():
-        pytest.skip(f"real dataset samples not found at {SAMPLES} (they live in ../shared, outside a fresh clone)")
+        pytest.skip(f"real dataset samples not found at {SAMPLES} (set PEFTLAB_SAMPLES to their folder)")
     return SAMPLES
 
 
@@ -28,16 +36,15 @@ def samples_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def samples_sources(samples_dir) -> list[str]:
+    """`--set` overrides that point configs/samples.yaml's hub sources at the local sample files."""
+    return [f"data.sources.{i}.path={samples_dir / name}" for i, name in enumerate(SAMPLE_FILES)]
+
+
+@pytest.fixture(scope="session")
 def gemma_tokenizer():
     requires_gemma_package()
     from peftlab.config import ModelConfig
     from peftlab.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path="builtin:gemma-3-270m"))
-
-
-@pytest.fixture()
-def in_repo(monkeypatch):
-    """Run from the repository root, where the shipped configs' relative paths point."""
-    monkeypatch.chdir(REPO)
-    return REPO

@@ -18,11 +18,8 @@ def _read(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, samples_dir, gemma_tokenizer):
-    import os
-
-    os.chdir(Path(__file__).resolve().parents[2])
-    config = load_config("samples")
+def prepared(tmp_path_factory, samples_sources, gemma_tokenizer):
+    config = load_config("samples", samples_sources)
     out = tmp_path_factory.mktemp("samples")
     stats = prepare_data(config, out, gemma_tokenizer)
     return config, out, stats
@@ -121,14 +118,14 @@ def test_removing_a_source_does_not_change_another_sources_rows(prepared, tmp_pa
     assert tulu_ids(tmp_path) == tulu_ids(out)
 
 
-def test_too_few_rows_names_the_source_and_the_buffer(in_repo, tmp_path, gemma_tokenizer, samples_dir):
-    config = load_config("samples", ["data.max_seq_length=64", "prepare.overlength=drop"])
+def test_too_few_rows_names_the_source_and_the_buffer(tmp_path, gemma_tokenizer, samples_sources):
+    config = load_config("samples", [*samples_sources, "data.max_seq_length=64", "prepare.overlength=drop"])
     with pytest.raises(UserError) as error:
         prepare_data(config, tmp_path, gemma_tokenizer)
     message = str(error.value)
     assert "usable train rows after filtering" in message and "overlength" in message
     assert "raise data.train_buffer (now 145)" in message
-    config = load_config("samples", ["data.train_buffer=3000"])
+    config = load_config("samples", [*samples_sources, "data.train_buffer=3000"])
     with pytest.raises(UserError, match=r"'tulu'.* has 200 rows"):
         prepare_data(config, tmp_path, gemma_tokenizer)
     assert not (tmp_path / "data").exists()

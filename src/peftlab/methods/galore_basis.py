@@ -2,8 +2,8 @@
 
 GaLore (`proj_type: std`) projects a gradient G (m x n) onto its top-r singular vectors: the right
 ones (r x n rows) when G is tall, the left ones (m x r) when it is wide. galore-torch computes a full
-`torch.linalg.svd` of G per weight; on an H200 that took 9.9 s for Gemma-3-1B's 183 targets, most of
-the first step of a short run (`benchmarks/results/h200-2026-11-29-galore-projection.json`). The
+`torch.linalg.svd` of G per weight; on an H200 that took 9.98 s for Gemma-3-1B's 183 targets, most of
+the first step of a short run (`benchmarks/results/h200-2026-11-29-galore-projection-shipped.json`). The
 same vectors are the top eigenvectors of G^T G (tall) or G G^T (wide), a min(m, n)-sized symmetric
 problem: in fp64 (Gram matrix and eigensolver) the subspace matches the SVD's to fp32 precision
 (same file), 5.8x faster. Eigenvector signs are arbitrary, as the SVD's are.
