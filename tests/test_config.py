@@ -9,11 +9,20 @@ import pytest
 from peftlab.config import BUILTIN_CONFIG_DIR, apply_override, config_from_dict, load_config
 from peftlab.errors import UserError
 
-SHIPPED = sorted(BUILTIN_CONFIG_DIR.glob("*.yaml"))
+SHIPPED = sorted(BUILTIN_CONFIG_DIR.rglob("*.yaml"))
 
 
 def test_the_shipped_configs_are_there():
-    assert {p.stem for p in SHIPPED} >= {"seed", "samples", "demo", "smoke"}
+    assert {p.stem for p in SHIPPED} >= {"seed", "samples", "demo", "smoke", "lowmem"}
+
+
+def test_a_shipped_example_loads_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("examples/lowmem")
+    assert config.method("galore_lowmem").galore.accumulate == "projected"
+    assert config.method("qlora_lowmem").micro_batch_tokens == 2048
+    with pytest.raises(UserError, match=r"file not found \(shipped configs: .*examples/lowmem"):
+        load_config("examples/../../config")
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

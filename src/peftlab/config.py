@@ -220,18 +220,19 @@ class StudyConfig:
 
 
 def resolve_config_path(path: str | None) -> Path:
-    """A config argument: a file path, or the name of a shipped config (`demo`, `smoke`, ...)."""
+    """A config argument: a file path, or the name of a shipped config (`demo`, `smoke`, `examples/lowmem`, ...)."""
     if path is None:
         path = "demo"
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    shipped = BUILTIN_CONFIG_DIR / f"{path.removesuffix('.yaml')}.yaml"
-    if "/" not in path and shipped.is_file():
+    shipped = (BUILTIN_CONFIG_DIR / f"{path.removesuffix('.yaml')}.yaml").resolve()
+    if shipped.is_file() and shipped.is_relative_to(BUILTIN_CONFIG_DIR.resolve()):
         return shipped
     if candidate.exists():
         raise UserError(f"config {path}: not a file")
-    names = ", ".join(sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml")))
+    names = ", ".join(sorted(p.relative_to(BUILTIN_CONFIG_DIR).with_suffix("").as_posix()
+                             for p in BUILTIN_CONFIG_DIR.rglob("*.yaml")))
     raise UserError(f"config {path}: file not found (shipped configs: {names})")
 
 
