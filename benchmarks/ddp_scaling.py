@@ -8,8 +8,8 @@ Each RUN is METHOD:GPUS[:VARIANT]:
   loss curve should match `lora:1` within noise (the global sample order is the same);
 - `lora:2:fsdp`: FSDP instead of DDP (lora, qlora with bf16 quant storage, full).
 
-Usage (GPU machine, repository root, after `source scripts/device_env.sh`):
-    python benchmarks/ddp_scaling.py --tokenizer /tmp/tok --samples /tmp/samples --out OUT.json \
+Usage (a machine with 2 GPUs, repository root; SAMPLES and TOKENIZER as in benchmarks/README.md):
+    python benchmarks/ddp_scaling.py --tokenizer TOKENIZER --samples SAMPLES --out OUT.json \
         [--steps 8] lora:1 lora:2 lora:2:same lora:2:fsdp ...
 """
 

@@ -21,8 +21,8 @@ For each: total seconds over all targets (synchronised, after one warm-up pass),
 subspace overlap with galore-torch's basis (||B_svd B_x^T||_F^2 / r: 1 is the same subspace), and the
 lowest fraction of the best rank-r energy the basis captures (||G B_x^T||^2 / ||G B_svd^T||^2).
 
-Usage (GPU machine, repository root, after `source scripts/device_env.sh`):
-    python benchmarks/galore_projection.py --data /tmp/samples --tokenizer /tmp/tok --out OUT.json
+Usage (GPU machine, repository root; SAMPLES as in benchmarks/README.md):
+    python benchmarks/galore_projection.py --data SAMPLES --tokenizer builtin:gemma-3-270m --out OUT.json
 """
 
 from __future__ import annotations

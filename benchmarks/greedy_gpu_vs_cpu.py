@@ -1,9 +1,9 @@
-"""Issue 7's gate: greedy text of the real Gemma 3 270M on the GPU (bf16 and fp32) against CPU fp32.
+"""Greedy text of the real Gemma 3 270M on the GPU (bf16 and fp32) against CPU fp32.
 
 Quality numbers from the GPU only count if its greedy text matches the CPU fp32 model's text.
 Writes a JSON with the texts of every prompt per setting and whether they match CPU fp32.
 
-Usage (GPU machine): python scripts/gpu_vs_cpu_270m.py --model MODEL.gguf|builtin:gemma-3-270m --out OUT.json
+Usage (GPU machine): python benchmarks/greedy_gpu_vs_cpu.py --model MODEL.gguf|builtin:gemma-3-270m --out OUT.json
 """
 
 from __future__ import annotations

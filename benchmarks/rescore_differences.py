@@ -8,8 +8,8 @@ and the argmax on the shared prefix. A near-tie here (small `plain_minus_ours`) 
 rounding chose between two near-equal tokens, whatever the GPU re-scoring said.
 
 Usage (CPU, repository root):
-    python scripts/rescore_differences_cpu.py --report benchmarks/results/X-generation-270m.json \
-        --data ../shared/data/seeds-samples --tokenizer builtin:gemma-3-270m --model builtin:gemma-3-270m --out OUT.json
+    python benchmarks/rescore_differences.py --report benchmarks/results/X-generation-270m.json \
+        --data SAMPLES --tokenizer builtin:gemma-3-270m --model builtin:gemma-3-270m --out OUT.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ embedding in bf16 (the Gemma 3 shape): the recomputed chunks (autograd) vs `peft
 CPU, peak resident memory sampled during backward, each case in a fresh process. The GPU's allocator
 differs; what this shows is the weight-sized tensors each path adds.
 
-    python scripts/cpu_vocab_loss_memory.py --out benchmarks/results/cpu-2026-11-29-vocab-loss-memory.json
+    python benchmarks/vocab_loss_memory.py --out benchmarks/results/cpu-2026-11-29-vocab-loss-memory.json
 """
 
 from __future__ import annotations

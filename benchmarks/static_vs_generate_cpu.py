@@ -5,7 +5,7 @@ generation bench) greedily with both decoders over the same length-sorted batche
 tokens/s and how many rows are token-identical (fp32: every row should be).
 
 Usage (CPU, repository root):
-    python scripts/cpu_static_vs_generate.py --data ../shared/data/seeds-samples --model builtin:gemma-3-270m \
+    python benchmarks/static_vs_generate_cpu.py --data SAMPLES --model builtin:gemma-3-270m \
         --prompts 16 --max-new-tokens 32 --out OUT.json
 """
 

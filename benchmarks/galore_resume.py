@@ -7,8 +7,8 @@ bases inside galore-torch's projector objects are not moved back by `Optimizer.l
 2 (a checkpoint at 2) and resumed, projections recomputed every 3 steps so the resumed run uses a
 loaded basis before computing its own.
 
-Usage (GPU machine, repository root, after `source scripts/device_env.sh`):
-    python scripts/gpu_galore_resume.py --data /tmp/samples --tokenizer /tmp/tok --out OUT.json
+Usage (GPU machine, repository root; SAMPLES as in benchmarks/README.md):
+    python benchmarks/galore_resume.py --data SAMPLES --tokenizer builtin:gemma-3-270m --out OUT.json
 """
 
 from __future__ import annotations
