@@ -85,7 +85,7 @@ def _has_provenance(run_dir: Path) -> bool:
 
 def _ensure_ours(run_dir: Path, create: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: is a file, not a run directory; choose another --out")
+        raise UserError(f"{run_dir}: is a file, not a run directory")
     if not run_dir.exists():
         if not create:
             raise UserError(f"{run_dir}: no such run directory")
