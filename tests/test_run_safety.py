@@ -175,6 +175,24 @@ def test_a_missing_hybrid_final_is_a_clear_error_not_a_repo_id_message(capsys, r
     assert "missing or incomplete" in line
 
 
+def test_a_trained_model_is_finished_only_with_its_config_and_weights(tmp_path):
+    from peftlab.rundir import final_complete
+
+    final = tmp_path / "final"
+    assert not final_complete(final)
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    assert not final_complete(final)  # what `study` re-runs instead of skipping
+    (final / "model.safetensors").write_bytes(b"")
+    assert final_complete(final)
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "adapter_model.safetensors").write_bytes(b"")
+    assert not final_complete(adapters)
+    (adapters / "adapter_config.json").write_text("{}")
+    assert final_complete(adapters)
+
+
 def test_replacing_a_stage_folder_sets_the_old_one_aside_first(tmp_path, monkeypatch):
     from peftlab.rundir import atomic_dir
 
@@ -336,11 +354,12 @@ def test_a_cold_model_cache_trains_as_a_warm_one(capsys, prepared, tmp_path, mon
         out = tmp_path / attempt
         shutil.copytree(prepared, out)
         assert main(["train", "smoke", "--method", "qlora", "--out", str(out), "--set", "methods.qlora.kind=lora",
-                     "--set", "methods.qlora.max_steps=3", "--set", "methods.qlora.lr=0.05"]) == 0
+                     "--set", "methods.qlora.max_steps=2", "--set", "methods.qlora.batch_size=2",
+                     "--set", "methods.qlora.grad_accum=1", "--set", "methods.qlora.lr=0.05"]) == 0
         metrics = json.loads((out / "train" / "qlora" / "metrics.json").read_text())
         curves.append([point["loss"] for point in metrics["loss_curve"]])
         assert (cache / "random").is_dir()
-    assert len(curves[0]) == 3 and curves[0] == curves[1]
+    assert len(curves[0]) == 2 and curves[0] == curves[1]
 
 
 def test_building_a_random_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
