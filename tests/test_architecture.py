@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftlab"
 LAYERS = {
     "errors": 0,
     "config": 1, "distributed": 1,
-    "rundir": 2,
+    "runguard": 1,
+    "rundir": 2, "fingerprints": 3,
     "models": 3,
     "data": 4, "methods": 4,
     "train": 5, "evaluate": 5, "report": 5,

@@ -325,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path: a bug or the system, keep the traceback
+            raise
+        # A path the user gave (or one under it) that cannot be read or written: read-only, full, a file.
+        print(f"peftlab: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted (finished stages are kept; re-run to continue)", file=sys.stderr)
         return 130

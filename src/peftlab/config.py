@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ MethodKind = Literal["qlora", "lora", "galore", "full", "hybrid"]
 # Scores of every evaluated model (peftlab.evaluate.metrics.METRICS); `evaluate.metrics` picks the leading ones.
 MetricName = Literal["rougeL", "bleu4", "exact_match", "exact_match_norm", "rouge1", "rouge2"]
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -386,13 +389,11 @@ def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"{path}: expected a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -401,6 +402,17 @@ def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
     elif hint is Any:
         return value
     raise UserError(f"{path}: expected {_SIMPLE.get(hint, hint)}, got {_show(value)}")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _join(path: str, key: str) -> str:
@@ -417,6 +429,9 @@ def _show(value: Any) -> str:
 
 
 def validate(config: StudyConfig) -> None:
+    if not PLAIN_NAME.fullmatch(config.name):
+        raise UserError(f"name: {config.name!r} is not a plain folder name (letters, digits, '.', '-', '_';"
+                        " not starting with '.'): the run goes to runs/<name>; use --out for another place")
     data = config.data
     for key in ("train_per_source", "max_seq_length"):
         if getattr(data, key) < 1:

@@ -8,6 +8,7 @@ the next stage loads. Each stage keeps its own time and peak memory; a finished 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -16,6 +17,7 @@ from typing import Any
 
 from peftlab.config import MethodConfig, StudyConfig
 from peftlab.distributed import distributed_rank_world, join_process_group
+from peftlab.fingerprints import train_sections, write_fingerprint
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, read_json, write_json
 from peftlab.train.launch import check_launch
@@ -59,6 +61,8 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
     out = run_dir / "train" / name
     if not resume and rank == 0 and out.exists():
         shutil.rmtree(out)  # a fresh run never reuses stages of an earlier config
+    if rank == 0:
+        write_fingerprint(out, "train", train_sections(config, name))
     if world > 1:
         import torch.distributed
 
@@ -96,15 +100,22 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
         stages.append({**metrics, "stage": index, "method": stage.method})
     if rank != 0:
         return {}
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
     assert source is not None  # validated: the stages end on a full model
-    shutil.move(source, final)
+    with atomic_dir(out / "final") as final:
+        # Hard links (a copy across filesystems): the last stage keeps its final/, so a re-run after a
+        # kill here finds every stage done and only repeats this step.
+        shutil.copytree(source, final, dirs_exist_ok=True, copy_function=_link_or_copy)
     metrics = summarize_stages(name, stages, time.perf_counter() - started)
     _write_curve(out / "loss.csv", metrics["loss_curve"])
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _write_curve(path: Path, curve: list[dict[str, Any]]) -> None:

@@ -44,9 +44,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    # Set the old folder aside before deleting it: a kill leaves the stage whole or absent (to be re-run),
+    # never half-deleted; what was set aside is a leftover that runguard removes.
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
     os.replace(temp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def final_complete(final: Path) -> bool:
+    """A trained model's `final/` holds its config and weights (full model or adapters)."""
+    has_config = any((final / name).is_file() for name in ("config.json", "adapter_config.json"))
+    return has_config and any(next(final.glob(pattern), None) is not None for pattern in ("*.safetensors", "*.bin"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -152,7 +165,7 @@ def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.resolved.yaml", dump_config(config))
     env_path = run_dir / "env.json"
-    env = read_json(env_path) if env_path.exists() else {}
+    env = _read_env(env_path) if env_path.exists() else {}
     env.update({
         "versions": package_versions(),
         "hardware": hardware(),
@@ -164,6 +177,19 @@ def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, 
     if data_hashes is not None:
         env["data_hashes"] = data_hashes
     write_json(env_path, env)
+
+
+def _read_env(path: Path) -> dict[str, Any]:
+    from peftlab.errors import UserError
+
+    advice = "delete it and peftlab writes a new one"
+    try:
+        env = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}); {advice}") from None
+    if not isinstance(env, dict):
+        raise UserError(f"{path}: expected a JSON object, got {json_type(env)}; {advice}")
+    return env
 
 
 def sha256_file(path: Path) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from peftlab.config import StudyConfig
 from peftlab.errors import UserError
+from peftlab.runguard import claim_run_dir
 
 
 def say(message: str) -> None:
@@ -19,6 +20,11 @@ def say(message: str) -> None:
 
 
 def run_prepare(config: StudyConfig, run_dir: Path) -> dict:
+    with claim_run_dir(run_dir):
+        return _prepare(config, run_dir)
+
+
+def _prepare(config: StudyConfig, run_dir: Path) -> dict:
     from peftlab.data.prepare import prepare_data
     from peftlab.models import load_tokenizer
     from peftlab.rundir import write_provenance
@@ -35,7 +41,13 @@ def run_prepare(config: StudyConfig, run_dir: Path) -> dict:
 
 
 def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool = False, fsdp: bool = False) -> dict:
+    with claim_run_dir(run_dir):
+        return _train(config, run_dir, method, resume=resume, fsdp=fsdp)
+
+
+def _train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool, fsdp: bool) -> dict:
     from peftlab.distributed import distributed_rank_world
+    from peftlab.fingerprints import check_fingerprint, prepare_sections, train_sections
     from peftlab.hybrid import train_hybrid
     from peftlab.rundir import write_provenance
     from peftlab.train.launch import check_launch
@@ -45,6 +57,9 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
     check_launch(config, method, world=world, fsdp=fsdp)  # before anything loads
     if not (run_dir / "data" / "train.jsonl").exists():
         raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
+    check_fingerprint(run_dir / "data", prepare_sections(config), f"train {method}")
+    if resume:
+        check_fingerprint(run_dir / "train" / method, train_sections(config, method), f"train {method} --resume")
     if rank == 0:
         write_provenance(run_dir, config)
     if config.method(method).kind == "hybrid":
@@ -62,14 +77,24 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
 
 
 def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int | None = None) -> dict:
+    with claim_run_dir(run_dir):
+        return _evaluate(config, run_dir, model, limit=limit)
+
+
+def _evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int | None) -> dict:
     from peftlab.config import evaluated_models
     from peftlab.evaluate.runner import evaluate_model
+    from peftlab.fingerprints import check_fingerprint, prepare_sections, train_sections
 
     known = {"base", *config.methods, *evaluated_models(config)}
     if model not in known:
         raise UserError(f"--model {model}: not base, a configured method or ensemble (known: {', '.join(sorted(known))})")
     if not (run_dir / "data" / "test.jsonl").exists():
         raise UserError(f"{run_dir / 'data'}: no prepared data; run `peftlab prepare` first")
+    check_fingerprint(run_dir / "data", prepare_sections(config), f"evaluate {model}")
+    for member in (config.evaluate.ensemble.members if model == "ensemble" else [model]):
+        if member != "base":
+            check_fingerprint(run_dir / "train" / member, train_sections(config, member), f"evaluate {model}")
     metrics = evaluate_model(config, run_dir, model, limit=limit)
     if not metrics:  # a non-zero rank of a sharded evaluation
         return metrics
@@ -86,32 +111,28 @@ def run_report(run_dir: Path) -> None:
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    done = ensure_results(run_dir)  # rebuilds results.json from the stage outputs when it is missing
-    if done:
-        say(done)
-    written = build_report(run_dir)
+    with claim_run_dir(run_dir, create=False):
+        done = ensure_results(run_dir)  # rebuilds results.json from the stage outputs when it is missing
+        if done:
+            say(done)
+        written = build_report(run_dir)
     for path in written.values():
         say(f"wrote {path}")
 
 
-def check_run_dir_config(config: StudyConfig, run_dir: Path) -> None:
-    """A run directory belongs to one config: refuse to mix stages of two different studies."""
-    from peftlab.config import dump_config
-
-    resolved = run_dir / "config.resolved.yaml"
-    if resolved.exists() and resolved.read_text(encoding="utf-8") != dump_config(config):
-        raise UserError(
-            f"{run_dir} holds a run of a different config ({resolved}); choose another --out or delete it"
-        )
-
-
 def run_study(config: StudyConfig, run_dir: Path) -> dict:
-    """prepare -> train every method -> evaluate every model -> results.json -> report; skips finished stages."""
-    from peftlab.config import evaluated_models
-    from peftlab.results import collect_results
-    from peftlab.rundir import write_provenance
+    """prepare -> train every method -> evaluate every model -> results.json -> report; skips finished stages
+    (and refuses finished stages made under other settings of the config sections they depend on)."""
+    with claim_run_dir(run_dir):
+        return _study(config, run_dir)
 
-    check_run_dir_config(config, run_dir)
+
+def _study(config: StudyConfig, run_dir: Path) -> dict:
+    from peftlab.config import evaluated_models
+    from peftlab.fingerprints import check_fingerprint, evaluate_sections, prepare_sections, train_sections
+    from peftlab.results import collect_results
+    from peftlab.rundir import final_complete, write_provenance
+
     models = evaluated_models(config)
     stages = ["prepare", *[f"train {m}" for m in config.methods], *[f"evaluate {m}" for m in models], "report"]
     step = iter(range(1, len(stages) + 1))
@@ -122,19 +143,25 @@ def run_study(config: StudyConfig, run_dir: Path) -> dict:
         say(f"[{next(step)}/{len(stages)}] {name}{' (done, skipped)' if skipped else ''}  (+{elapsed:.0f} s)")
 
     done = (run_dir / "data" / "stats.json").exists()
+    if done:
+        check_fingerprint(run_dir / "data", prepare_sections(config), "study")
     header("prepare", done)
     if not done:
         run_prepare(config, run_dir)
     write_provenance(run_dir, config)
     for method in config.methods:
         train_dir = run_dir / "train" / method
-        done = (train_dir / "metrics.json").exists()
+        done = (train_dir / "metrics.json").exists() and final_complete(train_dir / "final")
+        if done:
+            check_fingerprint(train_dir, train_sections(config, method), "study")
         header(f"train {method}", done)
         if not done:
             resume = any((train_dir / "checkpoints").glob("checkpoint-*")) or (train_dir / "stages").exists()
             run_train(config, run_dir, method, resume=resume)
     for model in models:
         done = (run_dir / "eval" / model / "metrics.json").exists()
+        if done:
+            check_fingerprint(run_dir / "eval" / model, evaluate_sections(config, model, config.evaluate.limit), "study")
         header(f"evaluate {model}", done)
         if not done:
             run_evaluate(config, run_dir, model)

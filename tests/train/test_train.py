@@ -156,13 +156,19 @@ def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):
 
 
 def test_hybrid_runs_stages_and_sums_resources(smoke):
+    from peftlab.hybrid import train_hybrid
+
     config, run_dir = smoke
-    metrics = train_method(config, run_dir, "hybrid")
+    metrics = train_hybrid(config, run_dir, "hybrid")
     assert [s["method"] for s in metrics["stages"]] == ["qlora", "merge", "galore"]
     assert metrics["optimizer_steps"] == 4 and len(metrics["loss_curve"]) == 4
     assert metrics["train_time_s"] == pytest.approx(sum(s.get("train_time_s", 0) for s in metrics["stages"]))
     assert metrics["merge_time_s"] > 0
-    assert (Path(run_dir) / "train" / "hybrid" / "final" / "model.safetensors").exists()
+    out = Path(run_dir) / "train" / "hybrid"
+    assert (out / "final" / "model.safetensors").exists()
+    # The last stage keeps its own final/ (hard links), so a kill while the hybrid's is made only repeats that step.
+    assert (out / "stages" / "2-galore" / "final" / "model.safetensors").exists()
+    assert (out / "fingerprint.json").exists()
     assert metrics["trainable_params"] == metrics["total_params"]
 
 

@@ -27,6 +27,7 @@ from peftlab.data.chat import render, tokenize
 from peftlab.data.formats import Dropped, convert_row
 from peftlab.data.sources import LoadedSource, load_source
 from peftlab.errors import UserError
+from peftlab.fingerprints import prepare_sections, write_fingerprint
 from peftlab.rundir import atomic_dir, read_jsonl, sha256_file, write_json, write_text
 
 SPLITS = ("train", "validation", "test")
@@ -93,6 +94,7 @@ def prepare_data(config: StudyConfig, run_dir: Path, tokenizer) -> dict[str, Any
             _write_jsonl(out / f"{split}.jsonl", per_split[split])
         stats["file_hashes"] = {p.name: sha256_file(p) for p in sorted(out.glob("*.jsonl"))}
         write_json(out / "stats.json", stats)
+        write_fingerprint(out, "prepare", prepare_sections(config))
         _write_examples(out / "examples", config.data.sources, per_split["train"])
     return stats
 

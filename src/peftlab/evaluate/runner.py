@@ -23,8 +23,9 @@ from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
 from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
 from peftlab.evaluate.static_decode import static_greedy, static_mixed_greedy
+from peftlab.fingerprints import evaluate_sections, write_fingerprint
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
-from peftlab.rundir import atomic_dir, read_json, write_json
+from peftlab.rundir import atomic_dir, final_complete, read_json, write_json
 
 
 def load_eval_model(config: StudyConfig, run_dir: Path, name: str, device: str):
@@ -41,6 +42,9 @@ def load_eval_model(config: StudyConfig, run_dir: Path, name: str, device: str):
         if not (train_dir / "metrics.json").exists():
             raise UserError(f"{train_dir}: not trained yet; run `peftlab train --method {name}` first")
         metrics = read_json(train_dir / "metrics.json")
+        if not final_complete(train_dir / "final"):
+            raise UserError(f"{train_dir / 'final'}: missing or incomplete (its training was interrupted);"
+                            f" run `peftlab train --method {name} --resume` or `peftlab study` again")
         if metrics["saves"] == "adapter":
             model = _adapter_model(config, name, train_dir / "final", device, dtype)
         else:
@@ -177,4 +181,5 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
                     "reference": example.reference, "prediction": text, "generated_tokens": count,
                 }, ensure_ascii=False) + "\n")
         write_json(out / "metrics.json", metrics)
+        write_fingerprint(out, "evaluate", evaluate_sections(config, name, limit))
     return metrics

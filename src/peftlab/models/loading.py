@@ -153,8 +153,11 @@ def random_model_dir(config_path: str, seed: int) -> Path:
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"model.config {config_path}: not a transformers model config ({exc})") from None
     dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"), torch.float32)
-    torch.manual_seed(seed)
-    built = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Its own RNG state: the process's (seeded by the caller for its method) is left as it was, so a
+    # run that builds the model trains exactly as one that finds it in the cache.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built = AutoModelForCausalLM.from_config(config, dtype=dtype)
     temp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     built.save_pretrained(temp)
@@ -172,6 +175,9 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
     import torch
     from transformers import AutoModelForCausalLM
 
+    if source and not (Path(source) / "config.json").is_file():
+        raise UserError(f"model {source}: missing or incomplete (no config.json); the stage that writes it did"
+                        " not finish: re-run it")
     path, extra = (source, {}) if source else model_dir(model, seed)
     if not model.liger_kernel:
         restore_unpatched_gemma3()  # before the modules are built from transformers' classes
@@ -187,7 +193,10 @@ def load_model(model: ModelConfig, *, device: str, dtype, source: str | None = N
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: custom code without trust_remote_code, bad config
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"model {path}: its code is not part of transformers and model.trust_remote_code is"
+                            " false; set it to true only if you trust that code") from None
         if extra.get("hub"):
             raise _hub_error("model", path, exc) from None
         raise UserError(f"model {path}: could not be loaded ({str(exc).splitlines()[0][:160]})") from None

@@ -21,6 +21,7 @@ from peftlab.config import MethodConfig, StudyConfig
 from peftlab.data.prepare import read_split, tokenizer_fingerprint
 from peftlab.distributed import distributed_rank_world, gather_ranks, total_over_ranks
 from peftlab.errors import UserError
+from peftlab.fingerprints import train_sections, write_fingerprint
 from peftlab.methods import BuildContext, build
 from peftlab.models import (
     base_model,
@@ -64,9 +65,11 @@ def train_method(
     replicating them (DDP). Only rank 0 returns the metrics.
     """
     rank, world = distributed_rank_world()
+    fingerprint = None  # a hybrid's stage is covered by the hybrid's
     if method is None:
         check_launch(config, name, world=world, fsdp=fsdp)
         method = config.method(name)
+        fingerprint = train_sections(config, name)
     out = out or run_dir / "train" / name
     device = device_name()
     if device == "cuda" and world > 1:
@@ -96,6 +99,8 @@ def train_method(
     if world == 1 and args.n_gpu > 1:
         args._n_gpu = 1  # one process trains on one GPU; several GPUs go through --gpus (DDP), never nn.DataParallel
     checkpoint = prepare_output(out, resume, fsdp) if rank == 0 else None
+    if rank == 0 and fingerprint is not None:
+        write_fingerprint(out, "train", fingerprint)
     if world > 1:
         torch.distributed.barrier()
         checkpoint = last_checkpoint(out) if resume else None
