@@ -133,7 +133,7 @@ class MethodConfig:
     gradient_checkpointing: bool = True
     loss_on: Literal["assistant", "all"] = "assistant"
     seed: int = 42
-    # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU, adamw_torch otherwise.
+    # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU (adamw_8bit on CPU), adamw_torch otherwise.
     optimizer: str = "auto"
     # Batches of similar-length rows (less padding); `random` keeps the study's plain shuffle.
     sampling: Literal["random", "group_by_length", "sequential"] = "random"
@@ -148,6 +148,10 @@ class MethodConfig:
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
+    # Checkpoints exist to resume an interrupted run: removed once final/ is written unless this is true.
+    keep_checkpoints: bool = False
+    # transformers' experiment trackers (TrainingArguments.report_to): tensorboard, wandb, ...; none by default.
+    report_to: list[str] | str = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
     galore: GaloreSettings = field(default_factory=GaloreSettings)
@@ -353,7 +357,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path)
+        for option in inner[:-1]:  # the first type the value converts to (`list[str] | str`)
+            try:
+                return _convert(option, value, path)
+            except UserError:
+                continue
+        return _convert(inner[-1], value, path)
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -472,6 +481,7 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     if method.kind == "galore" and method.galore.variant == "layerwise" and method.grad_accum != 1:
         raise UserError(f"{where}.grad_accum: galore.variant layerwise updates inside backward; set grad_accum: 1")
     _validate_optimizer(method.optimizer, f"{where}.optimizer")
+    _validate_report_to(method.report_to, f"{where}.report_to")
     if method.lr <= 0:
         raise UserError(f"{where}.lr must be positive, got {method.lr}")
     if method.epochs <= 0 and method.max_steps <= 0:
@@ -528,6 +538,18 @@ def _validate_optimizer(name: str, where: str) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else " (auto, or a transformers optim name: adamw_torch, ...)"
         raise UserError(f"{where}: unknown optimizer '{name}'{hint}")
+
+
+def _validate_report_to(value: list[str] | str, where: str) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [value] if isinstance(value, str) else value
+    known = [*INTEGRATION_TO_CALLBACK, "all", "none"]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+            raise UserError(f"{where}: unknown integration '{name}'{hint}")
 
 
 def _validate_stages(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:

@@ -23,15 +23,21 @@ from peftlab.train.meter import measure, release_memory
 from peftlab.train.runner import train_method
 
 
-def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
-    """Load the unquantised base in the training dtype, apply the adapters, merge, save full weights."""
+def merged_model(config: StudyConfig, adapter_dir: Path, base_source: str | None, *, device: str, dtype):
+    """The unquantised base (`base_source`, or what `model:` names) loaded fresh in `dtype`, with the
+    adapters of `adapter_dir` merged into its weights: one plain transformers model."""
     from peft import PeftModel
 
+    base = load_model(config.model, device=device, dtype=dtype, source=base_source)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
+    """Load the unquantised base in the training dtype, apply the adapters, merge, save full weights."""
     device = device_name()
     dtype = resolve_dtype(config.model, device)
     with measure() as meter:
-        base = load_model(config.model, device=device, dtype=dtype, source=base_source)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged = merged_model(config, adapter_dir, base_source, device=device, dtype=dtype)
         with atomic_dir(out / "final") as final:
             merged.save_pretrained(final, safe_serialization=True)
             load_tokenizer(config.model).save_pretrained(final)
@@ -44,7 +50,7 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
         "peak_rss_gib": meter.peak_rss_gib,
     }
     write_json(out / "metrics.json", metrics)
-    del base, merged
+    del merged
     release_memory()
     return metrics
 

@@ -137,4 +137,16 @@ def run_study(config: StudyConfig, run_dir: Path) -> dict:
     header("report", False)
     results = collect_results(config, run_dir)
     run_report(run_dir)
+    say_summary(results, run_dir)
     return results
+
+
+def say_summary(results: dict, run_dir: Path) -> None:
+    """The end of a study: every model's numbers in one table, where the report is, the run's size."""
+    from peftlab.console import disk_usage, human_bytes, results_table
+
+    say("")
+    say(results_table(results))
+    say("")
+    say(f"report: {run_dir / 'report.html'} (and report.md)")
+    say(f"run directory: {run_dir}, {human_bytes(disk_usage(run_dir))} on disk")
