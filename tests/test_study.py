@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import warnings
 
 import pytest
 
@@ -10,10 +13,19 @@ from peftlab.cli import main
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, gemma_tokenizer):
+def study_run(tmp_path_factory, gemma_tokenizer):
+    """The smoke study, with what it printed on stderr and the warnings it raised."""
     out = tmp_path_factory.mktemp("study") / "smoke"
-    assert main(["study", "smoke", "--out", str(out)]) == 0
-    return out
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["study", "smoke", "--out", str(out)]) == 0
+    return out, console.getvalue(), caught
+
+
+@pytest.fixture(scope="module")
+def study(study_run):
+    return study_run[0]
 
 
 def test_every_file_is_written(study):
@@ -68,3 +80,23 @@ def test_rerun_skips_finished_stages(study, capsys):
 def test_a_different_config_is_refused(study, capsys):
     assert main(["study", "smoke", "--out", str(study), "--set", "data.seed=1"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_the_console_shows_our_bars_a_summary_and_no_library_noise(study_run):
+    out, err, caught = study_run
+    for noise in ("Loading weights", "Writing model shards", "{'loss'", "{'train_runtime'", "Traceback"):
+        assert noise not in err, noise
+    assert "  train qlora: 6/6 steps  loss " in err and "  train galore: " in err
+    assert "[10/10] report" in err
+    summary = err[err.index("\nmodel "):]
+    for model in ("base", "qlora", "galore", "hybrid", "ensemble"):
+        assert f"\n{model} " in summary
+    assert f"report: {out / 'report.html'}" in summary and "MiB on disk" in summary
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    assert deprecations == []
+
+
+def test_no_checkpoint_is_left_after_a_study(study):
+    assert not list(study.rglob("checkpoint-*"))
+    assert all((study / "train" / m / "final").is_dir() for m in ("qlora", "galore", "hybrid"))
