@@ -120,6 +120,8 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     ("methods.qlora.optimizer=adamw", "unknown optimizer 'adamw'"),
     ("methods.qlora.lora.target_modules=[]", "name at least one module"),
     ("evaluate.bootstrap_samples=0", "bootstrap_samples must be at least 1"),
+    ("evaluate.metrics=[rougeL, em]", "evaluate.metrics.1: 'em' is not one of 'rougeL'"),
+    ("evaluate.metrics=[bleu4, bleu4]", "evaluate.metrics: name each metric once"),
     ("evaluate.ensemble.validation_limit=0", "validation_limit must be at least 1"),
     ("evaluate.prefill_chunk_tokens=0", "prefill_chunk_tokens must be at least 1"),
     ("methods.qlora.lr.x=1", "'methods.qlora.lr' is not a section"),

@@ -45,8 +45,9 @@ def test_results_contract(study):
     results = json.loads((study / "results.json").read_text())
     assert set(results["models"]) == {"base", "qlora", "galore", "hybrid", "ensemble"}
     for block in results["models"].values():
-        assert {"bleu4", "rougeL", "n", "per_source"} <= set(block)
+        assert {"bleu4", "rougeL", "n", "per_source", "exact_match", "exact_match_norm"} <= set(block)
         assert set(block["per_source"]) == {"alpaca", "tulu", "ultrachat"}
+        assert "exact_match_norm_ci" in block["per_source"]["tulu"]
         assert block["n"] == 12
     for method in ("qlora", "galore", "hybrid"):
         training = results["training"][method]
@@ -55,6 +56,9 @@ def test_results_contract(study):
     assert results["config"]["name"] == "smoke" and "torch" in results["versions"]
     pairs = {(c["a"], c["b"], c["metric"]) for c in results["comparisons"]}
     assert ("base", "qlora", "bleu4") in pairs
+    assert all(0.0 <= c["p_value"] <= c["p_holm"] <= 1.0 for c in results["comparisons"])
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert report.split("\n## ")[1].startswith("Recommendation") and "Recommendation: " in report
     assert 0.0 <= results["ensemble"]["alpha"] <= 1.0 and len(results["ensemble"]["validation"]) == 3
 
 

@@ -325,12 +325,15 @@ def _score(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    print(f"{'rows':>10} {'BLEU-4':>8} {'ROUGE-L':>8}  (95% bootstrap CI)")
+    print(f"{'rows':>10} {'BLEU-4':>8} {'ROUGE-L':>8} {'EM':>6} {'norm EM':>7}  (95% bootstrap CI;"
+          " EM: exact match, norm EM: after SQuAD normalisation)")
     blocks = {"all": table, **table.get("per_source", {})}
     for name, block in blocks.items():
-        print(f"{name:>10} {block['bleu4']:8.4f} {block['rougeL']:8.4f}  n={block['n']}"
+        print(f"{name:>10} {block['bleu4']:8.4f} {block['rougeL']:8.4f} {block['exact_match']:6.4f}"
+              f" {block['exact_match_norm']:7.4f}  n={block['n']}"
               f"  BLEU-4 [{block['bleu4_ci'][0]:.4f}, {block['bleu4_ci'][1]:.4f}]"
-              f"  ROUGE-L [{block['rougeL_ci'][0]:.4f}, {block['rougeL_ci'][1]:.4f}]")
+              f"  ROUGE-L [{block['rougeL_ci'][0]:.4f}, {block['rougeL_ci'][1]:.4f}]"
+              f"  EM {block['exact_match_count']}/{block['n']}, norm EM {block['exact_match_norm_count']}/{block['n']}")
     return 0
 
 

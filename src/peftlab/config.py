@@ -23,6 +23,8 @@ from peftlab.errors import UserError
 
 SourceFormat = Literal["alpaca", "tulu", "ultrachat", "messages", "sharegpt"]
 MethodKind = Literal["qlora", "lora", "galore", "full", "hybrid"]
+# Scores of every evaluated model (peftlab.evaluate.metrics.METRICS); `evaluate.metrics` picks the leading ones.
+MetricName = Literal["rougeL", "bleu4", "exact_match", "exact_match_norm", "rouge1", "rouge2"]
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -191,6 +193,9 @@ class EvaluateConfig:
     torch_compile: bool = False
     limit: int | None = None
     bootstrap_samples: int = 1000
+    # The metrics that lead the report, first = the one the recommendation ranks by; each gets pairwise
+    # significance tests. Every model is scored on all of them (exact_match_norm: SQuAD-normalised).
+    metrics: list[MetricName] = field(default_factory=lambda: ["rougeL", "bleu4", "exact_match_norm"])
     # Models evaluated by `peftlab study`; empty = base, every method, and the ensemble if configured.
     models: list[str] = field(default_factory=list)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
@@ -595,6 +600,8 @@ def _validate_evaluate(config: StudyConfig) -> None:
         raise UserError("evaluate.ensemble.validation_limit must be at least 1 (or null for all rows)")
     if ev.limit is not None and ev.limit < 1:
         raise UserError(f"evaluate.limit must be at least 1 (or null for all rows), got {ev.limit}")
+    if not ev.metrics or len(set(ev.metrics)) != len(ev.metrics):
+        raise UserError(f"evaluate.metrics: name each metric once, at least one (got {ev.metrics})")
     known = {"base", *config.methods}
     if ev.ensemble.members:
         for member in ev.ensemble.members:

@@ -82,9 +82,13 @@ def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int |
 
 def run_report(run_dir: Path) -> None:
     from peftlab.report import build_report
+    from peftlab.results import ensure_results
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
+    done = ensure_results(run_dir)  # rebuilds results.json from the stage outputs when it is missing
+    if done:
+        say(done)
     written = build_report(run_dir)
     for path in written.values():
         say(f"wrote {path}")

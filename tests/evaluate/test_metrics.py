@@ -26,7 +26,10 @@ from peftlab.evaluate.metrics import (
     bleu4,
     bleu_from_stats,
     bleu_from_stats_batch,
+    exact_match_rows,
+    holm_adjust,
     load_predictions,
+    normalize_answer,
     paired_bootstrap,
     rouge_l,
     score_file,
@@ -255,8 +258,12 @@ def test_summarize_shape_ci_and_determinism() -> None:
     preds, refs = random_corpus(random.Random(11), n=300)
     rows = score_rows(preds, refs)
     out = summarize(rows, bootstrap_samples=500, seed=0)
-    assert set(out) == {"n", "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2"}
+    exact = {f"{m}{suffix}" for m in ("exact_match", "exact_match_norm") for suffix in ("", "_ci", "_count")}
+    assert set(out) == {"n", "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2", *exact}
     assert out["n"] == 300
+    # the exact-match columns do not change the resamples of BLEU-4 and ROUGE-L
+    plain = RowScores(rows.rouge1, rows.rouge2, rows.rougeL, rows.bleu_stats)
+    assert summarize(plain, bootstrap_samples=500, seed=0) == {k: v for k, v in out.items() if k not in exact}
     assert out["bleu4"] == pytest.approx(bleu4(preds, refs), rel=1e-12)
     assert out["rougeL"] == pytest.approx(rouge_l(preds, refs), rel=1e-12)
     for key in ("bleu4", "rougeL"):
@@ -336,6 +343,44 @@ def test_summarize_is_fast_on_6000_rows() -> None:
     start = time.perf_counter()
     summarize(rows, bootstrap_samples=1000, seed=0)
     assert time.perf_counter() - start < 2.0
+
+
+# --------------------------------------------------------------------------------------- exact match
+
+
+def test_exact_match_and_squad_normalisation() -> None:
+    # the case: ROUGE-L 0.75, but the numbers differ, so no exact match of either kind
+    preds = ["The answer is 93.", "the ANSWER is  188", "An apple, a day!", "", "  same  "]
+    refs = ["The answer is 188.", "The answer is 188.", "apple day", "", "same"]
+    exact, normalised = exact_match_rows(preds, refs)
+    assert exact.tolist() == [0, 0, 0, 1, 1]
+    assert normalised.tolist() == [0, 1, 1, 1, 1]
+    assert score_rows(preds[:1], refs[:1]).rougeL[0] == pytest.approx(0.75)
+    assert normalize_answer("  The Answer, is: an   A-pple!\n") == "answer is apple"
+    assert normalize_answer("Theatre of the anthem") == "theatre of anthem"  # articles only as words
+    out = summarize(score_rows(preds, refs), bootstrap_samples=200)
+    assert (out["exact_match"], out["exact_match_count"]) == (0.4, 2)
+    assert (out["exact_match_norm"], out["exact_match_norm_count"]) == (0.8, 4)
+    assert 0.0 <= out["exact_match_ci"][0] <= 0.4 <= out["exact_match_ci"][1] <= 1.0
+
+
+def test_paired_bootstrap_on_exact_match() -> None:
+    refs = [f"answer {i}" for i in range(60)]
+    good = score_rows(refs, refs)
+    bad = score_rows([f"answer {i + 1}" for i in range(60)], refs)
+    out = paired_bootstrap(good, bad, "exact_match_norm", samples=500)
+    assert out["diff"] == 1.0 and out["p_value"] == pytest.approx(2 / 501)
+    with pytest.raises(ValueError, match="without exact-match"):
+        paired_bootstrap(RowScores(good.rouge1, good.rouge2, good.rougeL, good.bleu_stats), good, "exact_match")
+
+
+def test_holm_adjust() -> None:
+    # hand-computed: sorted 0.005 0.01 0.03 0.04 -> x4, x3, x2, x1 = 0.02 0.03 0.06 0.04 -> monotone 0.06
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm_adjust([0.02]) == [0.02] and holm_adjust([]) == []
+    # ties keep equal adjusted values; the smallest p is multiplied by m
+    assert holm_adjust([0.01, 0.01, 0.2]) == pytest.approx([0.03, 0.03, 0.2])
 
 
 # ---------------------------------------------------------------------------------------- per source

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from peftlab.cli import main
+from peftlab.config import dump_config, load_config
 from peftlab.errors import UserError
 from peftlab.report import build_report
 
@@ -81,6 +83,12 @@ def _summary(bleu: float, rouge: float, n: int) -> dict[str, Any]:
         "rougeL_ci": [rouge - 0.021, rouge + 0.02],
         "rouge1": rouge + 0.03,
         "rouge2": rouge / 2,
+        "exact_match": round(bleu * 100) / n,
+        "exact_match_ci": [0.0, 0.5],
+        "exact_match_count": round(bleu * 100),
+        "exact_match_norm": round(rouge * 40) / n,
+        "exact_match_norm_ci": [0.0, 0.9],
+        "exact_match_norm_count": round(rouge * 40),
     }
 
 
@@ -371,8 +379,12 @@ def test_quality_table_has_formatted_scores(built: tuple[Path, dict[str, Path]])
         ("ensemble", "Ensemble"),
     ):
         assert f"{QUALITY[model][0]:.4f}" in rows[label]
-    assert "+0.0422 (+82.4%)" in rows["QLoRA"]  # delta vs base, absolute and relative
+    # without "metrics" in results.json, ROUGE-L leads: its delta vs base, absolute and relative
+    assert "+0.0777 (+47.6%)" in rows["QLoRA"]
     assert "[0.0392, 0.0642]" in rows["Base"]  # CI
+    # exact match and normalised exact match for every model, with the matching rows
+    assert "0.4167 (5/12)" in rows["Base"] and "0.5833 (7/12)" in rows["Base"]
+    assert quality.index("| ROUGE-L | BLEU-4 |") < quality.index("| Exact match | Normalised EM |")
 
 
 def test_resources_show_generation_speed_and_decoder(built: tuple[Path, dict[str, Path]]) -> None:
@@ -405,14 +417,19 @@ def test_generation_speed_without_training_and_with_odd_records(tmp_path: Path) 
     assert "2 step-downs, 0 eager batches" in resources
 
 
-def test_findings_mention_comparisons_with_p_values(built: tuple[Path, dict[str, Path]]) -> None:
-    findings = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Headline findings")
-    assert "QLoRA vs GaLore: BLEU-4: +0.0063, p=0.31, not significant" in findings
-    assert "QLoRA vs Hybrid: BLEU-4: −0.0078, p=0.048, significant" in findings
-    assert "paired bootstrap, 1,000 resamples" in findings
-    assert "Every fine-tuned model beats Base on BLEU-4 and ROUGE-L" in findings
+def test_findings_and_pairwise_significance(built: tuple[Path, dict[str, Path]]) -> None:
+    markdown = (built[0] / "report.md").read_text(encoding="utf-8")
+    findings = _section(markdown, "Headline findings")
+    assert "Every fine-tuned model beats Base on ROUGE-L and BLEU-4" in findings
     assert "Lowest peak GPU memory: QLoRA, 3.10 GiB" in findings
     assert "Fastest training: QLoRA" in findings
+    assert " vs " not in findings.replace("(vs ", "")  # the pairwise tests have their own section
+    pairwise = _section(markdown, "Pairwise significance")
+    assert "Paired bootstrap, 1,000 resamples" in pairwise
+    # this results.json predates Holm: the raw p-values are shown and said to be uncorrected
+    assert "not corrected for multiple comparisons" in pairwise and "Holm p" not in pairwise
+    assert "| QLoRA | GaLore | 0.0934 | 0.0871 | +0.0063 [−0.0037, 0.0163] | 0.31 | no |" in pairwise
+    assert "| QLoRA | Hybrid | 0.0934 | 0.1012 | −0.0078 [−0.0178, 0.0022] | 0.048 | **yes** |" in pairwise
 
 
 def test_beats_base_only_when_true(tmp_path: Path) -> None:
@@ -430,8 +447,11 @@ def test_html_escapes_model_output(built: tuple[Path, dict[str, Path]]) -> None:
     markdown = (built[0] / "report.md").read_text(encoding="utf-8")
     assert SCRIPT in markdown  # inside a fenced block, where it is literal
     examples = _section(markdown, "Qualitative examples")
-    assert 5 <= examples.count("### Example") <= 10
+    assert 5 <= examples.count("<summary><b>Example") <= 10
+    assert examples.count("<details open>") == 1 and examples.count("</details>") == examples.count("<details")
     assert {s for s in SOURCES if f"· {s} ·" in examples} == set(SOURCES)
+    # collapsible and capped in height in the HTML page
+    assert html.count('<details class="example"') == examples.count("<details") and "max-height:15em" in html
 
 
 def test_cpu_run_says_gpu_memory_is_na(tmp_path: Path) -> None:
@@ -439,8 +459,12 @@ def test_cpu_run_says_gpu_memory_is_na(tmp_path: Path) -> None:
     written = build_report(run)
     markdown = (run / "report.md").read_text(encoding="utf-8")
     assert "peak GPU memory is n/a" in _section(markdown, "Headline findings")
-    assert "n/a (CPU)" in _section(markdown, "Resources")
     assert "plots/memory_vs_quality.png" in written
+    resources = _section(markdown, "Resources")
+    assert "No GPU in this run" in resources and "Generation speed (CPU)" in resources
+    for gpu_only in ("Graph replays", "Out of GPU memory", "GPU alloc", "n/a (CPU)"):
+        assert gpu_only not in resources
+    assert "RSS memory budget" in _section(markdown, "Recommendation")
 
 
 def test_partial_results(tmp_path: Path) -> None:
@@ -464,7 +488,7 @@ def test_partial_results(tmp_path: Path) -> None:
 
 
 def test_missing_results_raises_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"no results\.json; run `peftlab study`"):
+    with pytest.raises(UserError, match=r"no results\.json; `peftlab report .*` rebuilds it"):
         build_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
 
@@ -476,7 +500,7 @@ def test_without_comparisons_claims_no_significance(tmp_path: Path) -> None:
     (run / "results.json").write_text(json.dumps(results))
     build_report(run)
     findings = _section((run / "report.md").read_text(encoding="utf-8"), "Headline findings")
-    assert "beats Base on BLEU-4 and ROUGE-L (no significance tests against Base" in findings
+    assert "beats Base on ROUGE-L and BLEU-4 (no significance tests against Base" in findings
     assert " significant" not in findings.replace("no significance", "")
     assert "p=" not in findings
 
@@ -498,3 +522,206 @@ def test_helpers() -> None:
     assert (
         escape("a|b *c* <script> p < 0.05 snake_case _x") == r"a\|b \*c\* \<script> p < 0.05 snake_case \_x"
     )
+
+
+# ------------------------------------------------------------------------------ recommendation (no plots)
+
+
+def _run_data(quality: dict[str, float], peaks: dict[str, float], p_holm: dict[tuple[str, str], float],
+              seeds: dict[str, list[float]] | None = None) -> Any:
+    """A RunData built straight from a synthetic results dict (ROUGE-L only)."""
+    from peftlab.report.load import RunData
+
+    models = {}
+    for name, value in quality.items():
+        entry: dict[str, Any] = {"n": 100, "rougeL": value, "rougeL_ci": [value - 0.02, value + 0.02]}
+        if seeds and name in seeds:
+            values = seeds[name]
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            entry = {"n": 100, "rougeL": mean, "rougeL_sd": sd, "n_seeds": len(values),
+                     "seeds": {str(42 + i): {"n": 100, "rougeL": v} for i, v in enumerate(values)}}
+        models[name] = entry
+    comparisons = [
+        {"a": a, "b": b, "metric": "rougeL", "diff": quality[a] - quality[b], "p_value": p / 2, "p_holm": p,
+         "ci": [0.0, 0.0]}
+        for (a, b), p in p_holm.items()
+    ]
+    results = {"metrics": ["rougeL"], "models": models, "comparisons": comparisons,
+               "training": {m: {"peak_gpu_alloc_gib": v, "gpu_name": "H100", "device": "cuda"} for m, v in peaks.items()}}
+    run = RunData(Path("run"), results, models, results["training"], {}, {}, None, {})
+    run.names = list(models)
+    return run
+
+
+def test_recommendation_picks_the_best_method_under_each_budget() -> None:
+    from peftlab.report.recommend import budget_table, recommendation_sentence, verdict
+
+    run = _run_data(
+        {"base": 0.10, "qlora": 0.20, "galore": 0.23, "hybrid": 0.21},
+        {"qlora": 1.45, "galore": 3.45, "hybrid": 3.76},
+        {("galore", "qlora"): 0.01, ("galore", "hybrid"): 0.40, ("hybrid", "qlora"): 0.60,
+         ("qlora", "base"): 0.001, ("galore", "base"): 0.001, ("hybrid", "base"): 0.001},
+    )
+    peaks = {"qlora": 1.45, "galore": 3.45, "hybrid": 3.76}
+    rows = budget_table(run, peaks, "rougeL", {}).rows
+    assert [(r[0], r[2].text) for r in rows] == [("≤ 1.45 GiB", "QLoRA"), ("≤ 3.45 GiB", "GaLore"),
+                                                 ("≤ 3.76 GiB", "GaLore")]
+    assert rows[0][5] == "only QLoRA fits"
+    assert rows[1][5].startswith("GaLore scores significantly higher than QLoRA on ROUGE-L (+0.0300")
+    assert "Holm-adjusted p=0.010" in rows[1][5]
+    assert rows[2][5].startswith("GaLore and Hybrid do not differ significantly on ROUGE-L (+0.0200, p=0.20")
+    # GaLore is significantly better than the cheaper QLoRA and no worse than anything: it is the pick
+    assert recommendation_sentence(run, peaks, "rougeL").startswith("Recommendation: GaLore, the highest ROUGE-L")
+    # when QLoRA's deficit is not significant, the cheapest method within noise of the best is recommended
+    run.results["comparisons"][0]["p_holm"] = 0.2
+    assert recommendation_sentence(run, peaks, "rougeL").startswith(
+        "Recommendation: QLoRA (1.45 GiB GPU peak, ROUGE-L 0.2000): GaLore scores higher (0.2300) but not significantly")
+    assert verdict(run, "qlora", "galore", "rougeL").better == "galore"
+
+
+def test_seed_spread_decides_when_several_seeds() -> None:
+    from peftlab.report.recommend import verdict
+
+    run = _run_data({"qlora": 0.20, "galore": 0.22, "hybrid": 0.30}, {"qlora": 1.0, "galore": 2.0, "hybrid": 3.0},
+                    {("galore", "qlora"): 0.001},
+                    seeds={"qlora": [0.19, 0.20, 0.23], "galore": [0.21, 0.22, 0.25], "hybrid": [0.29, 0.30, 0.31]})
+    within = verdict(run, "galore", "qlora", "rougeL")
+    assert within.significant is False  # the bootstrap says p=0.001, but the seed ranges overlap
+    assert "seed ranges 0.2100–0.2500 and 0.1900–0.2300 overlap" in within.text
+    beyond = verdict(run, "hybrid", "galore", "rougeL")
+    assert beyond.significant is True and "exceeds the spread between seeds" in beyond.text
+
+
+def test_seed_repeats_section(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    for name, values in {"qlora": [0.23, 0.24, 0.25], "galore": [0.20, 0.21, 0.26]}.items():
+        entry = results["models"][name]
+        entry["seeds"] = {str(42 + i): {**entry, "rougeL": v} for i, v in enumerate(values)}
+        entry.update(rougeL=sum(values) / 3, rougeL_sd=0.01, n_seeds=3)
+    results["metrics"] = ["rougeL", "bleu4"]
+    (run / "results.json").write_text(json.dumps(results))
+    build_report(run)
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    seeds = _section(markdown, "Seed repeats")
+    assert "| QLoRA | 3 | 0.2400 | 0.0100 | 0.2300–0.2500 | 0.2300, 0.2400, 0.2500 |" in seeds
+    assert "| QLoRA | GaLore | +0.0167 | no |" in seeds
+    assert "0.2400 ± 0.0100 SD, 3 seeds" in _section(markdown, "Quality")
+
+
+def test_hybrid_recipe_row_shows_each_stage(built: tuple[Path, dict[str, Path]]) -> None:
+    reproduce = _section((built[0] / "report.md").read_text(encoding="utf-8"), "Reproduce")
+    row = next(line for line in reproduce.splitlines() if line.startswith("| Hybrid |"))
+    assert "QLoRA 1 epoch + GaLore 40 steps" in row and "QLoRA 0.0002, GaLore 1e-05" in row
+    assert "3 epochs" not in row and "QLoRA → merge → GaLore" in row
+
+
+def test_budget_flags_and_training_time_with_merge(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    hybrid = json.loads((run / "train" / "hybrid" / "metrics.json").read_text())
+    hybrid["train_time_s"] -= 12.5  # as the hybrid records it: its training stages only
+    hybrid["optimizer_steps"] = 9
+    hybrid["stages"][0]["optimizer_steps"], hybrid["stages"][2]["optimizer_steps"] = 4, 5
+    (run / "train" / "hybrid" / "metrics.json").write_text(json.dumps(hybrid))
+    build_report(run)
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    assert "Unequal training budgets" in _section(markdown, "Recommendation")
+    assert "optimizer steps QLoRA 40, GaLore 40, Hybrid 9 (4 + 5)" in _section(markdown, "Recommendation")
+    assert "the times are for unequal budgets" in _section(markdown, "Headline findings")
+    resources = _section(markdown, "Resources")
+    hybrid_row = next(line for line in resources.splitlines() if line.startswith("| Hybrid | hybrid"))
+    assert "1,686 s (28.1 min)" in hybrid_row  # 620 + 12.5 merge + 1,054
+
+
+def test_reproduce_gives_the_exact_command(tmp_path: Path) -> None:
+    from peftlab.config import BUILTIN_CONFIG_DIR
+
+    run = make_run(tmp_path)
+    (run / "env.json").write_text(json.dumps({
+        "config_file": str(BUILTIN_CONFIG_DIR / "samples.yaml"),
+        "command": "__main__.py study configs/samples.yaml --out /tmp/study --set data.seed=7 "
+                   "--set evaluate.batch_size=128",
+    }))
+    build_report(run)
+    code = _section((run / "report.md").read_text(encoding="utf-8"), "Reproduce")
+    assert ("peftlab study samples \\\n  --set data.seed=7 \\\n  --set evaluate.batch_size=128 \\\n"
+            "  --out /tmp/study\npeftlab report /tmp/study") in code
+
+
+# ------------------------------------------------------------------ peftlab report DIR: rebuild results.json
+
+
+def test_report_rebuilds_results_json_from_the_stage_outputs(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path)
+    ensemble = json.loads((run / "results.json").read_text())["ensemble"]
+    (run / "results.json").unlink()
+    path = run / "eval" / "ensemble" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ensemble": ensemble}))  # as evaluate writes it
+    (run / "config.resolved.yaml").write_text(dump_config(load_config("smoke")), encoding="utf-8")
+    # an evaluation from before exact match: scored from its predictions instead
+    path = run / "eval" / "galore" / "metrics.json"
+    metrics = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("exact_match")}
+    path.write_text(json.dumps(metrics))
+
+    assert main(["report", str(run)]) == 0
+    assert "rebuilt" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema"] == 2 and results["metrics"] == ["rougeL", "bleu4", "exact_match_norm"]
+    assert set(results["models"]) == {"base", "qlora", "galore", "hybrid", "ensemble"}
+    galore = results["models"]["galore"]
+    # galore's answers are the reference's first 8-10 words: never an exact match, by either rule
+    assert galore["exact_match"] == 0.0 and galore["exact_match_norm_count"] == 0
+    assert galore["per_source"]["tulu"]["exact_match_norm"] == 0.0
+    # 5 models -> 10 pairs per metric, each family Holm-corrected on its own
+    assert results["multiple_comparisons"]["tests"] == {"rougeL": 10, "bleu4": 10, "exact_match_norm": 10}
+    assert all(c["p_holm"] >= c["p_value"] for c in results["comparisons"])
+    assert results["ensemble"]["alpha"] == 0.5 and results["training"]["hybrid"]["merge_time_s"] == 12.5
+    assert (run / "report.md").read_text(encoding="utf-8").split("\n## ")[1].startswith("Recommendation")
+
+
+def test_report_without_results_or_config_says_what_to_run(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no results.json and no config.resolved.yaml to rebuild it from; run `peftlab study CONFIG --out {tmp_path}`" in err
+    (tmp_path / "config.resolved.yaml").write_text(dump_config(load_config("smoke")), encoding="utf-8")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no evaluated model; run `peftlab evaluate CONFIG --model base" in capsys.readouterr().err
+
+
+def test_report_upgrades_an_older_results_json_without_predictions(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path)
+    for path in (run / "eval").glob("*/predictions.jsonl"):
+        path.unlink()
+    assert main(["report", str(run)]) == 0
+    assert "Holm-adjusted p-values added" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema"] == 2 and results["metrics"] == ["rougeL", "bleu4"]
+    # per metric: 4 pairs with Base at p=0.002, then 0.0021, 0.048, three at 0.2 and 0.31 (Holm by hand)
+    p_holm = {(c["a"], c["b"], c["metric"]): c["p_holm"] for c in results["comparisons"]}
+    assert p_holm[("ensemble", "base", "bleu4")] == pytest.approx(0.02)
+    assert p_holm[("ensemble", "galore", "rougeL")] == pytest.approx(0.02)  # 6 x 0.0021 < 0.02: monotone
+    assert p_holm[("hybrid", "qlora", "bleu4")] == pytest.approx(0.24)
+    assert p_holm[("galore", "qlora", "bleu4")] == pytest.approx(0.8)
+    pairwise = (run / "report.md").read_text(encoding="utf-8").split("## Pairwise significance")[1]
+    assert "Holm's step-down correction within each metric" in pairwise
+    assert "| QLoRA | Hybrid | 0.0934 | 0.1012 | −0.0078 [−0.0178, 0.0022] | 0.048 | 0.24 | no |" in pairwise
+
+
+def test_aggregate_seeds_shape() -> None:
+    from peftlab.results import aggregate_seeds
+
+    def entry(rouge: float, peak: float) -> dict[str, Any]:
+        return {"n": 12, "rougeL": rouge, "rougeL_ci": [rouge - 0.1, rouge + 0.1], "peak_gpu_alloc_gib": peak,
+                "generation": {"tokens_per_s": 10.0}, "per_source": {"a": {"n": 6, "rougeL": rouge / 2}}}
+
+    one = entry(0.2, 1.0)
+    assert aggregate_seeds({42: one}) == one  # one seed: nothing changes
+    merged = aggregate_seeds({42: entry(0.2, 1.0), 43: entry(0.3, 1.5), 44: entry(0.4, 1.2)})
+    assert merged["n_seeds"] == 3 and list(merged["seeds"]) == ["42", "43", "44"]
+    assert merged["rougeL"] == pytest.approx(0.3) and merged["rougeL_sd"] == pytest.approx(0.1)
+    assert "rougeL_ci" not in merged and merged["n"] == 12 and merged["peak_gpu_alloc_gib"] == 1.5
+    assert merged["per_source"]["a"]["rougeL"] == pytest.approx(0.15)
+    assert merged["per_source"]["a"]["rougeL_sd"] == pytest.approx(0.05)
+    assert merged["seeds"]["43"]["rougeL_ci"] == pytest.approx([0.2, 0.4])

@@ -24,7 +24,13 @@ Definitions (chosen to reproduce a study that scored with Hugging Face `evaluate
   estimate whose value depends on unseeded resampling, whereas the plain mean is deterministic and is
   what the aggregator's "mid" estimates. Note that rouge_score's default tokenizer lower-cases and keeps
   only ``[a-z0-9]`` runs, so non-ASCII letters are dropped (as in HF `evaluate`).
-* Empty prediction strings are valid and score 0 (ROUGE) / contribute zero length (BLEU).
+* **Exact match** (``exact_match``) is 1 for a row whose prediction equals its reference once leading and
+  trailing whitespace is stripped, else 0; **normalised exact match** (``exact_match_norm``) compares
+  the texts after SQuAD's answer normalisation (`normalize_answer`: lower-case, drop ASCII punctuation,
+  drop the articles a/an/the, collapse whitespace). Both are means over rows in [0, 1]. "The answer is
+  93." against "The answer is 188." scores ROUGE-L 0.75 but 0 on both exact matches.
+* Empty prediction strings are valid and score 0 (ROUGE, exact match unless the reference is empty too) /
+  contribute zero length (BLEU).
 
 Per-row results live in `RowScores`: the three ROUGE F-measures and, for BLEU, the per-row sufficient
 statistics (hypothesis length, reference length, matches and totals for n = 1..4). Corpus BLEU of any
@@ -32,14 +38,17 @@ subset or bootstrap resample is computed exactly from summed statistics, without
 
 Confidence intervals are 95% percentile bootstrap intervals: rows are resampled with replacement
 (``numpy.random.default_rng(seed)``), BLEU-4 is recomputed from the resample's summed statistics and
-ROUGE-L as the resample mean. `paired_bootstrap` compares two systems on the same rows with the same
-resampled indices for both.
+ROUGE-L and the exact matches as resample means. `paired_bootstrap` compares two systems on the same
+rows with the same resampled indices for both; `holm_adjust` corrects a family of its p-values for
+multiple comparisons (Holm's step-down).
 """
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,8 +72,11 @@ BLEU_STATS_COLUMNS = (
 """Column order of `RowScores.bleu_stats` (the layout sacrebleu uses for its segment statistics)."""
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+EXACT_TYPES = ("exact_match", "exact_match_norm")
 
-Metric = Literal["bleu4", "rougeL"]
+Metric = Literal["bleu4", "rougeL", "rouge1", "rouge2", "exact_match", "exact_match_norm"]
+METRICS: tuple[str, ...] = ("bleu4", "rougeL", "rouge1", "rouge2", *EXACT_TYPES)
+"""Every metric `summarize` reports and `paired_bootstrap` compares (config `evaluate.metrics` picks from these)."""
 
 _TOKENIZER_13A = Tokenizer13a()
 _BOOTSTRAP_CHUNK_CELLS = 4_000_000  # resamples x rows drawn per chunk (bounds peak memory to ~130 MB)
@@ -80,12 +92,16 @@ class RowScores:
     `rouge1`, `rouge2`, `rougeL` are float arrays of F-measures, shape ``(n,)``. `bleu_stats` is an
     int64 array of shape ``(n, 10)`` with columns `BLEU_STATS_COLUMNS`: hypothesis length, reference
     length, clipped n-gram matches for n = 1..4 and candidate n-gram totals for n = 1..4.
+    `exact_match` and `exact_match_norm` are 0/1 float arrays, shape ``(n,)``; None when the scores
+    were built without the texts (then the exact-match metrics are left out of summaries).
     """
 
     rouge1: np.ndarray
     rouge2: np.ndarray
     rougeL: np.ndarray
     bleu_stats: np.ndarray
+    exact_match: np.ndarray | None = field(default=None)
+    exact_match_norm: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         n = len(self.bleu_stats)
@@ -93,9 +109,14 @@ class RowScores:
             raise ValueError(
                 f"bleu_stats must have shape (n, {len(BLEU_STATS_COLUMNS)}), got {self.bleu_stats.shape}"
             )
-        for name in ROUGE_TYPES:
-            if getattr(self, name).shape != (n,):
-                raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
+        for name in (*ROUGE_TYPES, *EXACT_TYPES):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {value.shape}")
+
+    @property
+    def has_exact_match(self) -> bool:
+        return self.exact_match is not None and self.exact_match_norm is not None
 
     def __len__(self) -> int:
         return len(self.bleu_stats)
@@ -108,6 +129,8 @@ class RowScores:
             rouge2=self.rouge2[idx],
             rougeL=self.rougeL[idx],
             bleu_stats=self.bleu_stats[idx],
+            exact_match=None if self.exact_match is None else self.exact_match[idx],
+            exact_match_norm=None if self.exact_match_norm is None else self.exact_match_norm[idx],
         )
 
     @property
@@ -132,14 +155,17 @@ class RowScores:
 
 
 def score_rows(predictions: Sequence[str], references: Sequence[str]) -> RowScores:
-    """Score each (prediction, reference) pair: ROUGE-1/2/L F-measures and BLEU statistics."""
+    """Score each (prediction, reference) pair: ROUGE-1/2/L F-measures, BLEU statistics, exact matches."""
     _check_pairs(predictions, references)
     rouge = _rouge_rows(predictions, references)
+    exact, normalised = exact_match_rows(predictions, references)
     return RowScores(
         rouge1=rouge[:, 0],
         rouge2=rouge[:, 1],
         rougeL=rouge[:, 2],
         bleu_stats=_bleu_row_stats(predictions, references),
+        exact_match=exact,
+        exact_match_norm=normalised,
     )
 
 
@@ -160,6 +186,28 @@ def _rouge_rows(predictions: Sequence[str], references: Sequence[str]) -> np.nda
         scores = scorer.score(ref, pred)  # (target, prediction)
         out[i] = [scores[name].fmeasure for name in ROUGE_TYPES]
     return out
+
+
+# ----------------------------------------------------------------------------------------- exact match
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: lower-case, drop punctuation, drop a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match_rows(predictions: Sequence[str], references: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row exact match (surrounding whitespace stripped) and normalised exact match, as 0/1 floats."""
+    _check_pairs(predictions, references)
+    exact = [p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]
+    normalised = [
+        normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)
+    ]
+    return np.asarray(exact, dtype=np.float64), np.asarray(normalised, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ BLEU
@@ -284,15 +332,23 @@ def _metric_columns(
     n = len(scores)
     if metric == "bleu4":
         return scores.bleu_stats, bleu_from_stats_batch
-    if metric == "rougeL":
-        return scores.rougeL[:, None], lambda sums: sums[:, 0] / n
-    raise ValueError(f"unknown metric {metric!r}; expected 'bleu4' or 'rougeL'")
+    return _row_values(scores, metric)[:, None], lambda sums: sums[:, 0] / n
+
+
+def _row_values(scores: RowScores, metric: str) -> np.ndarray:
+    """The per-row values of a mean-over-rows metric."""
+    if metric not in METRICS or metric == "bleu4":
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    values = getattr(scores, metric)
+    if values is None:
+        raise ValueError(f"{metric}: these scores were built without exact-match values")
+    return values
 
 
 def _point(scores: RowScores, metric: Metric) -> float:
     if metric == "bleu4":
         return bleu_from_stats(scores.bleu_stats.sum(axis=0))
-    return float(scores.rougeL.mean())
+    return float(_row_values(scores, metric).mean())
 
 
 def _percentile_ci(values: np.ndarray) -> list[float]:
@@ -301,27 +357,33 @@ def _percentile_ci(values: np.ndarray) -> list[float]:
 
 
 def summarize(scores: RowScores, *, bootstrap_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Point estimates and 95% percentile-bootstrap CIs for BLEU-4 and ROUGE-L.
+    """Point estimates and 95% percentile-bootstrap CIs for BLEU-4, ROUGE-L and the exact matches.
 
-    Returns ``{"n", "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2"}``; both CIs use
-    the same resamples. Deterministic for a given (rows, `bootstrap_samples`, `seed`).
+    Returns ``{"n", "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2"}`` plus, when the
+    scores carry them, ``"exact_match", "exact_match_ci", "exact_match_norm", "exact_match_norm_ci"``
+    and ``"exact_match_count", "exact_match_norm_count"`` (matching rows). Every CI uses the same
+    resamples (the resampled rows do not depend on which metrics are summarised). Deterministic for a
+    given (rows, `bootstrap_samples`, `seed`).
     """
     if len(scores) == 0:
         raise ValueError("cannot summarize zero rows")
     _check_samples(bootstrap_samples)
-    bleu_cols, bleu_fn = _metric_columns(scores, "bleu4")
-    rouge_cols, rouge_fn = _metric_columns(scores, "rougeL")
-    sums = _bootstrap_sums(np.hstack([bleu_cols, rouge_cols]), bootstrap_samples, seed)
-    width = bleu_cols.shape[1]
-    return {
-        "n": len(scores),
-        "bleu4": _point(scores, "bleu4"),
-        "bleu4_ci": _percentile_ci(bleu_fn(sums[:, :width])),
-        "rougeL": _point(scores, "rougeL"),
-        "rougeL_ci": _percentile_ci(rouge_fn(sums[:, width:])),
-        "rouge1": float(scores.rouge1.mean()),
-        "rouge2": float(scores.rouge2.mean()),
-    }
+    with_ci: list[Metric] = ["bleu4", "rougeL", *(EXACT_TYPES if scores.has_exact_match else ())]
+    columns = [_metric_columns(scores, metric) for metric in with_ci]
+    sums = _bootstrap_sums(np.hstack([cols for cols, _ in columns]), bootstrap_samples, seed)
+    out: dict[str, Any] = {"n": len(scores)}
+    start = 0
+    for metric, (cols, fn) in zip(with_ci, columns, strict=True):
+        width = cols.shape[1]
+        out[metric] = _point(scores, metric)
+        out[f"{metric}_ci"] = _percentile_ci(fn(sums[:, start : start + width]))
+        start += width
+    out["rouge1"] = float(scores.rouge1.mean())
+    out["rouge2"] = float(scores.rouge2.mean())
+    if scores.has_exact_match:
+        for metric in EXACT_TYPES:
+            out[f"{metric}_count"] = int(_row_values(scores, metric).sum())
+    return out
 
 
 def paired_bootstrap(
@@ -366,6 +428,24 @@ def paired_bootstrap(
         "p_value": min(1.0, 2.0 * min(at_or_below, at_or_above) / (samples + 1)),
         "ci": _percentile_ci(diffs),
     }
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given.
+
+    The k-th smallest p (k = 1..m) becomes ``max over j <= k of min(1, (m - j + 1) * p_(j))``; a
+    hypothesis is rejected at level alpha when its adjusted p is below alpha, which controls the
+    family-wise error rate for any dependence between the tests. Written here because statsmodels'
+    `multipletests` is not a dependency and scipy offers only Benjamini-Hochberg / Yekutieli.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p_values[index])))
+        adjusted[index] = running
+    return adjusted
 
 
 # -------------------------------------------------------------------------------------------- tables

@@ -17,19 +17,25 @@ class Cell:
     text: str
     bold: bool = False
     color: str | None = None
+    # A second, smaller line (a confidence interval under its score); Markdown puts it after the text.
+    sub: str | None = None
 
 
 CellLike = str | Cell
 
 
 def cell_text(cell: CellLike) -> str:
-    return cell.text if isinstance(cell, Cell) else cell
+    if isinstance(cell, Cell):
+        return f"{cell.text} {cell.sub}" if cell.sub else cell.text
+    return cell
 
 
 @dataclass
 class Paragraph:
     text: str
     muted: bool = False
+    # The one sentence a section leads to (the recommendation): shown emphasised.
+    strong: bool = False
 
 
 @dataclass
@@ -81,6 +87,8 @@ class Example:
     prompt_note: str
     reference: str
     answers: list[Answer]
+    # Shown unfolded (the first example); the others start folded in the HTML report.
+    open: bool = False
 
 
 Block = Paragraph | Bullets | Table | Figure | Code | Example

@@ -1,8 +1,9 @@
 """Headline findings: sentences generated from the numbers, never claiming more than they show.
 
-Differences are called significant only when the paired bootstrap p-value is below `ALPHA` (0.05);
-"beats" means a higher point estimate, and each such sentence says whether the difference is
-significant.
+Differences are called significant only when the paired bootstrap p-value, Holm-adjusted within its
+metric when results.json records the adjusted value, is below `ALPHA` (0.05); "beats" means a higher
+point estimate, and each such sentence says whether the difference is significant. The metrics are
+the report's leading ones (`evaluate.metrics`); the pairwise tests have their own section.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Any
 from peftlab.report import fmt
 from peftlab.report.doc import Bullet
 from peftlab.report.fmt import display, is_number, metric_name
-from peftlab.report.load import BASE, RunData
-
-METRICS = ("bleu4", "rougeL")
+from peftlab.report.load import BASE, RunData, total_time
 
 
 def find_comparison(run: RunData, a: str, b: str, metric: str) -> dict[str, Any] | None:
@@ -37,32 +36,17 @@ def method_note(run: RunData) -> str:
     return f"paired bootstrap, {samples:,} resamples" if samples else "paired bootstrap"
 
 
-def verdict(p_value: object) -> str:
+def verdict(item: dict[str, Any]) -> str:
+    p_value = fmt.decisive_p(item)
     if not is_number(p_value):
         return "significance not tested"
     return "significant" if fmt.significant(p_value) else "not significant"
-
-
-def comparison_clause(item: dict[str, Any]) -> str:
-    """`BLEU-4: +0.0040, p=0.31, not significant`."""
-    return (
-        f"{metric_name(item['metric'])}: {fmt.signed(item.get('diff'))}, "
-        f"{fmt.p_clause(item.get('p_value'))}, {verdict(item.get('p_value'))}"
-    )
 
 
 def build_findings(run: RunData) -> list[Bullet]:
     bullets: list[Bullet] = []
     bullets += _best_models(run)
     bullets += _versus_base(run)
-    comparisons = _pairwise(run)
-    if comparisons:
-        bullets.append(
-            Bullet(
-                f"Pairwise differences ({method_note(run)}; significant when p < {fmt.ALPHA}):",
-                comparisons,
-            )
-        )
     bullets += _memory(run)
     bullets += _speed(run)
     bullets += _ensemble(run)
@@ -76,7 +60,7 @@ def _metric_values(run: RunData, metric: str) -> dict[str, float]:
 
 def _best_models(run: RunData) -> list[Bullet]:
     bullets = []
-    for metric in METRICS:
+    for metric in run.metrics:
         values = _metric_values(run, metric)
         if len(values) < 2:
             continue
@@ -89,7 +73,7 @@ def _best_models(run: RunData) -> list[Bullet]:
             item = find_comparison(run, best, runner_up, metric)
             lead = f"ahead of {display(runner_up)} ({fmt.score(values[runner_up])}) by {fmt.signed(values[best] - values[runner_up])}"
             if item is not None:
-                lead += f", {fmt.p_clause(item.get('p_value'))}, {verdict(item.get('p_value'))}"
+                lead += f", {fmt.p_pair(item)}, {verdict(item)}"
             text += f"; {lead}."
         bullets.append(Bullet(text))
     return bullets
@@ -105,14 +89,20 @@ def _versus_base(run: RunData) -> list[Bullet]:
     behind = [
         (m, metric)
         for m in others
-        for metric in METRICS
+        for metric in run.metrics
         if not (is_number(run.quality[m].get(metric)) and is_number(base.get(metric)))
         or run.quality[m][metric] <= base[metric]
     ]
     if behind:
-        return [Bullet(_not_above_base(run, m, metric)) for m, metric in behind]
-    checks = [(m, metric) for m in others for metric in METRICS]
-    p_values = [(find_comparison(run, m, BASE, metric) or {}).get("p_value") for m, metric in checks]
+        models = list(dict.fromkeys(m for m, _ in behind))
+        bullets = []
+        for m in models:
+            clauses = [_not_above_base(run, m, x).removesuffix(".") for mm, x in behind if mm == m]
+            rest = [c.removeprefix(f"{display(m)} ") for c in clauses[1:]]
+            bullets.append(Bullet("; ".join([clauses[0], *rest]) + "."))
+        return bullets
+    checks = [(m, metric) for m in others for metric in run.metrics]
+    p_values = [fmt.decisive_p(find_comparison(run, m, BASE, metric) or {}) for m, metric in checks]
     weak = [
         f"{display(m)} {metric_name(x)}"
         for (m, x), p in zip(checks, p_values, strict=True)
@@ -126,7 +116,8 @@ def _versus_base(run: RunData) -> list[Bullet]:
         detail = f"none of the differences is significant at p < {fmt.ALPHA}"
     else:
         detail = f"not significant at p < {fmt.ALPHA} for {fmt.join_names(weak)}"
-    return [Bullet(f"Every fine-tuned model beats Base on BLEU-4 and ROUGE-L ({detail}).")]
+    names = fmt.join_names([metric_name(m) for m in run.metrics])
+    return [Bullet(f"Every fine-tuned model beats Base on {names} ({detail}).")]
 
 
 def _not_above_base(run: RunData, model: str, metric: str) -> str:
@@ -139,7 +130,7 @@ def _not_above_base(run: RunData, model: str, metric: str) -> str:
     )
     item = find_comparison(run, model, BASE, metric)
     if item is not None and value != base:
-        text += f", {fmt.signed(value - base)}, {fmt.p_clause(item.get('p_value'))}, {verdict(item.get('p_value'))}"
+        text += f", {fmt.signed(value - base)}, {fmt.p_pair(item)}, {verdict(item)}"
     return text + ")."
 
 
@@ -159,16 +150,6 @@ def compared_pairs(run: RunData) -> list[tuple[str, str]]:
         if pair not in pairs:
             pairs.append(pair)
     return sorted(pairs, key=lambda p: (p[1] != BASE, position(p[0]), position(p[1])))
-
-
-def _pairwise(run: RunData) -> list[str]:
-    """One line per compared pair, both metrics in one line."""
-    lines = []
-    for a, b in compared_pairs(run):
-        clauses = [comparison_clause(c) for m in METRICS if (c := find_comparison(run, a, b, m))]
-        if clauses:
-            lines.append(f"{display(a)} vs {display(b)}: " + "; ".join(clauses) + ".")
-    return lines
 
 
 def _trained_values(run: RunData, key: str) -> dict[str, float]:
@@ -206,14 +187,16 @@ def _memory(run: RunData) -> list[Bullet]:
 
 
 def _speed(run: RunData) -> list[Bullet]:
-    times = _trained_values(run, "train_time_s")
+    times = {m: t for m in run.trained if (t := total_time(run.training[m])) is not None}
     rates = _trained_values(run, "tokens_per_s")
+    steps = _trained_values(run, "optimizer_steps")
     parts = []
     if len(times) > 1:
         best = min(times, key=times.__getitem__)
+        unit = fmt.time_unit(max(times.values()))
         parts.append(
-            f"Fastest training: {display(best)}, {fmt.short_duration(times[best])}"
-            + _others(times, best, fmt.short_duration)
+            f"Fastest training: {display(best)}, {fmt.duration_in(times[best], unit)}"
+            + _others(times, best, lambda seconds: fmt.duration_in(seconds, unit))
         )
     elif times:
         ((name, seconds),) = times.items()
@@ -221,6 +204,9 @@ def _speed(run: RunData) -> list[Bullet]:
     if len(rates) > 1:
         best = max(rates, key=rates.__getitem__)
         parts.append(f"highest throughput: {display(best)}, {fmt.rate(rates[best])} tokens/s")
+    if len(times) > 1 and len(set(steps.values())) > 1:
+        parts.append("the times are for unequal budgets (optimizer steps "
+                     + ", ".join(f"{display(m)} {fmt.integer(v)}" for m, v in steps.items()) + ")")
     return [Bullet("; ".join(parts) + ".")] if parts else []
 
 

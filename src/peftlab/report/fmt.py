@@ -23,7 +23,16 @@ DISPLAY_NAMES = {
     "full": "Full FT",
     "merge": "merge",
 }
-METRIC_NAMES = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}
+METRIC_NAMES = {
+    "bleu4": "BLEU-4",
+    "rougeL": "ROUGE-L",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "exact_match": "Exact match",
+    "exact_match_norm": "Normalised EM",
+}
+LEGACY_METRICS = ("rougeL", "bleu4")
+"""The metrics a results.json without a "metrics" list leads with (what peftlab compared before)."""
 
 # Fixed colours for the usual model names, then a pool for anything else (tab10 order).
 MODEL_COLORS = {
@@ -64,6 +73,15 @@ def assign_colors(names: Iterable[str], kinds: dict[str, str] | None = None) -> 
     return colors
 
 
+def lead_metrics(results: dict, config: dict) -> list[str]:
+    """results.json "metrics", else the config's evaluate.metrics, else `LEGACY_METRICS`."""
+    evaluate = config.get("evaluate") if isinstance(config.get("evaluate"), dict) else {}
+    for candidate in (results.get("metrics"), evaluate.get("metrics")):
+        if isinstance(candidate, list) and candidate and all(m in METRIC_NAMES for m in candidate):
+            return list(candidate)
+    return list(LEGACY_METRICS)
+
+
 def score(value: object, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if is_number(value) else MISSING
 
@@ -71,6 +89,8 @@ def score(value: object, digits: int = 4) -> str:
 def signed(value: object, digits: int = 4) -> str:
     if not is_number(value):
         return MISSING
+    if round(value, digits) == 0:
+        value = 0.0  # no "−0.0000"
     text = f"{value:+.{digits}f}"
     return text.replace("-", "−")
 
@@ -84,7 +104,7 @@ def percent_change(diff: object, reference: object) -> str:
 def interval(ci: object, digits: int = 4) -> str:
     if not (isinstance(ci, Sequence) and len(ci) == 2 and all(is_number(v) for v in ci)):
         return MISSING
-    low, high = (f"{v:.{digits}f}".replace("-", "−") for v in ci)
+    low, high = (f"{v if round(v, digits) else 0.0:.{digits}f}".replace("-", "−") for v in ci)
     return f"[{low}, {high}]"
 
 
@@ -103,6 +123,19 @@ def p_clause(value: object) -> str:
     return f"p{text}" if text.startswith("<") else f"p={text}"
 
 
+def p_pair(item: dict) -> str:
+    """`p=0.012, Holm-adjusted p=0.048` (or the raw p alone when no adjusted one is recorded)."""
+    text = p_clause(item.get("p_value"))
+    if is_number(item.get("p_holm")):
+        text += f", Holm-adjusted {p_clause(item['p_holm'])}"
+    return text
+
+
+def decisive_p(item: dict) -> object:
+    """The p-value significance is judged by: Holm-adjusted when recorded, else the raw one."""
+    return item.get("p_holm") if is_number(item.get("p_holm")) else item.get("p_value")
+
+
 def significant(value: object) -> bool:
     return is_number(value) and value < ALPHA
 
@@ -119,6 +152,18 @@ def rate(value: object) -> str:
     if not is_number(value):
         return MISSING
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def time_unit(seconds: float) -> tuple[str, float]:
+    """One unit for a set of durations whose largest is `seconds`: (`s`|`min`|`h`, seconds per unit)."""
+    return ("s", 1.0) if seconds < 120 else ("min", 60.0) if seconds < 7200 else ("h", 3600.0)
+
+
+def duration_in(seconds: object, unit: tuple[str, float]) -> str:
+    """A duration in a given unit: `42.0 s`, `12.4 min`."""
+    if not is_number(seconds):
+        return MISSING
+    return f"{seconds / unit[1]:.1f} {unit[0]}"
 
 
 def duration(seconds: object) -> str:

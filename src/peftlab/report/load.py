@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import UserError
-from peftlab.report.fmt import is_number
+from peftlab.report.fmt import is_number, lead_metrics
 from peftlab.rundir import read_jsonl
 
 BASE = "base"
@@ -72,6 +72,42 @@ class RunData:
         value = evaluate.get("bootstrap_samples") if isinstance(evaluate, dict) else None
         return int(value) if is_number(value) else None
 
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics that lead the report (evaluate.metrics); the first ranks the recommendation."""
+        return lead_metrics(self.results, self.config)
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether training recorded GPU memory (every trained method): memory is then GPU peaks, else RSS."""
+        trained = self.trained
+        return bool(trained) and all(is_number(self.training[m].get("peak_gpu_alloc_gib")) for m in trained)
+
+    @property
+    def memory_key(self) -> str:
+        return "peak_gpu_alloc_gib" if self.on_gpu else "peak_rss_gib"
+
+    @property
+    def cpu_only(self) -> bool:
+        """No GPU anywhere in the run (hardware record and every training run)."""
+        hardware = self.results.get("hardware") or self.env.get("hardware") or {}
+        devices = {str(self.training[m].get("device") or "") for m in self.trained}
+        return not (isinstance(hardware, dict) and hardware.get("gpu")) and not any(
+            d.startswith("cuda") for d in devices
+        )
+
+    def seed_values(self, name: str, metric: str) -> list[float]:
+        """The model's score on `metric` for each training seed (results.json "seeds"); [] with one seed."""
+        seeds = self.quality.get(name, {}).get("seeds")
+        if not isinstance(seeds, dict) or len(seeds) < 2:
+            return []
+        values = [block.get(metric) for block in seeds.values() if isinstance(block, dict)]
+        return [float(v) for v in values if is_number(v)] if all(is_number(v) for v in values) else []
+
     def kind(self, name: str) -> str:
         kind = self.training.get(name, {}).get("kind")
         if isinstance(kind, str):
@@ -84,7 +120,7 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
-        raise UserError(f"{run_dir}: no results.json; run `peftlab study` or the evaluate stages first")
+        raise UserError(f"{run_dir}: no results.json; `peftlab report {run_dir}` rebuilds it from the stage outputs")
     results = _read_json(results_path)
     if not isinstance(results, dict):
         raise UserError(f"{results_path}: expected a JSON object")
@@ -98,6 +134,8 @@ def load_run(run_dir: Path) -> RunData:
         path.parent.name: read_jsonl(path) for path in sorted((run_dir / "eval").glob("*/predictions.jsonl"))
     }
     stats = _read_optional(run_dir / "data" / "stats.json")
+    if stats is None:  # a published run directory keeps only the statistics of data/ (results/samples-270m)
+        stats = _read_optional(run_dir / "data-stats.json")
     env = _read_optional(run_dir / "env.json")
     run = RunData(
         run_dir=run_dir,
@@ -178,3 +216,27 @@ def read_loss_csv(path: Path) -> list[dict[str, Any]]:
                 point["stage"] = row["stage"]
             points.append(point)
     return points
+
+
+def stage_times(metrics: dict[str, Any]) -> list[tuple[str, float]]:
+    """(stage label, seconds) of a staged method, the merge included; [] for a single-stage method."""
+    parts = []
+    for stage in metrics.get("stages") or []:
+        if not isinstance(stage, dict):
+            continue
+        merge = stage.get("kind") == "merge" or stage.get("method") == "merge"
+        seconds = stage.get("merge_time_s") if merge else stage.get("train_time_s")
+        if is_number(seconds):
+            parts.append(("merge" if merge else str(stage.get("method") or stage.get("kind") or stage.get("stage")),
+                          float(seconds)))
+    return parts
+
+
+def total_time(metrics: dict[str, Any]) -> float | None:
+    """Training time as the report states it: train_time_s, or the sum of the stages (merge included)
+    when that is larger (a hybrid's train_time_s counts its training stages only)."""
+    recorded = metrics.get("train_time_s")
+    stacked = sum(seconds for _, seconds in stage_times(metrics))
+    if not is_number(recorded):
+        return stacked or None
+    return max(float(recorded), stacked)

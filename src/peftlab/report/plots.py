@@ -20,14 +20,15 @@ matplotlib.use("Agg")
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from peftlab.report import fmt
 from peftlab.report.fmt import display, is_number, metric_name
-from peftlab.report.load import BASE, RunData
+from peftlab.report.load import BASE, RunData, stage_times, total_time
+from peftlab.report.recommend import memory_peaks
 
 DPI = 110
-METRICS = ("bleu4", "rougeL")
 STYLE = {
     "font.size": 10,
     "axes.titlesize": 11,
@@ -90,26 +91,49 @@ def _xticks(ax: Axes, names: Sequence[str]) -> None:
 
 
 def quality_bars(run: RunData, colors: Colors, folder: Path) -> Plot | None:
-    models = [m for m in run.evaluated if any(is_number(run.quality[m].get(x)) for x in METRICS)]
+    metrics = run.metrics
+    models = [m for m in run.evaluated if any(is_number(run.quality[m].get(x)) for x in metrics)]
     if not models:
         return None
-    fig = Figure(figsize=(10, 3.9), layout="constrained")
-    for ax, metric in zip(fig.subplots(1, 2), METRICS, strict=True):
+    fig = Figure(figsize=(3.6 * len(metrics) + 0.6, 3.9), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
         _metric_panel(ax, run, models, metric, colors)
     save(fig, folder / "quality.png")
-    return Plot("quality.png", "BLEU-4 and ROUGE-L on the test split; error bars are 95% bootstrap CIs.")
+    names = fmt.join_names([metric_name(m) for m in metrics])
+    seeds = any(run.seed_values(m, run.primary) for m in models)
+    bars = "error bars are 95% bootstrap CIs" + ("; models trained with several seeds: mean ± SD over seeds" if seeds else "")
+    return Plot("quality.png", f"{names} on the test split; {bars}.")
+
+
+def _spread(run: RunData, model: str, metric: str, value: float) -> tuple[float, float]:
+    """(below, above) the value: the SD over seeds when the model has several, else its 95% CI."""
+    q = run.quality[model]
+    if run.seed_values(model, metric) and is_number(q.get(f"{metric}_sd")):
+        return q[f"{metric}_sd"], q[f"{metric}_sd"]
+    ci = q.get(f"{metric}_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci)):
+        return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+    return 0.0, 0.0
+
+
+def _zero_marks(ax: Axes, x: Sequence[float], values: Sequence[float], width: float, colors: Sequence[str]) -> None:
+    """A bar of height 0 is invisible: draw a thick stroke in its colour on the baseline instead."""
+    for xi, value, color in zip(x, values, colors, strict=True):
+        if value == 0:
+            ax.plot([xi - width / 2, xi + width / 2], [0, 0], color=color, linewidth=4, solid_capstyle="butt",
+                    clip_on=False, zorder=4)
 
 
 def _metric_panel(ax: Axes, run: RunData, models: list[str], metric: str, colors: Colors) -> None:
     values, lows, highs = [], [], []
     for model in models:
         value = run.quality[model].get(metric)
-        value = value if is_number(value) else 0.0
-        ci = run.quality[model].get(f"{metric}_ci")
-        ok = isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci))
+        value = float(value) if is_number(value) else 0.0
+        low, high = _spread(run, model, metric, value)
         values.append(value)
-        lows.append(max(0.0, value - ci[0]) if ok else 0.0)
-        highs.append(max(0.0, ci[1] - value) if ok else 0.0)
+        lows.append(low)
+        highs.append(high)
     x = np.arange(len(models))
     ax.bar(
         x,
@@ -120,6 +144,7 @@ def _metric_panel(ax: Axes, run: RunData, models: list[str], metric: str, colors
         capsize=4,
         error_kw={"elinewidth": 1, "ecolor": "#333333"},
     )
+    _zero_marks(ax, x, values, 0.62, [colors[m] for m in models])
     tops = [v + h for v, h in zip(values, highs, strict=True)]
     ceiling = max(tops) if max(tops) > 0 else 1.0
     for i, model in enumerate(models):
@@ -133,50 +158,30 @@ def _metric_panel(ax: Axes, run: RunData, models: list[str], metric: str, colors
             fontsize=8.5,
         )
     ax.set_ylim(0, ceiling * 1.15)
-    ax.set_title(f"{metric_name(metric)} (95% CI)")
+    ax.set_title(metric_name(metric))
     _xticks(ax, models)
 
 
 def memory_vs_quality(run: RunData, colors: Colors, folder: Path) -> Plot | None:
-    candidates = [m for m in run.trained if m in run.quality and is_number(run.quality[m].get("rougeL"))]
-    on_gpu = bool(candidates) and all(
-        is_number(run.training[m].get("peak_gpu_alloc_gib")) for m in candidates
-    )
-    key = "peak_gpu_alloc_gib" if on_gpu else "peak_rss_gib"
-    points = [m for m in candidates if is_number(run.training[m].get(key))]
-    if not points:
+    metric = run.primary
+    peaks = {m: x for m, x in memory_peaks(run).items() if is_number(run.quality.get(m, {}).get(metric))}
+    if not peaks:
         return None
     fig = Figure(figsize=(8, 4.6), layout="constrained")
     ax = fig.subplots()
     ax.grid(True, axis="both")
-    for model in points:
-        x, y = run.training[model][key], run.quality[model]["rougeL"]
-        ci = run.quality[model].get("rougeL_ci")
-        if isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci)):
-            ax.errorbar(
-                [x],
-                [y],
-                yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]],
-                fmt="none",
-                ecolor=colors[model],
-                alpha=0.5,
-                capsize=3,
-            )
-        ax.scatter([x], [y], s=90, color=colors[model], edgecolor="white", linewidth=1.2, zorder=3)
-        ax.annotate(
-            display(model),
-            (x, y),
-            xytext=(8, 6),
-            textcoords="offset points",
-            fontsize=9.5,
-            fontweight="bold",
-            color=colors[model],
-        )
-    base = run.quality.get(BASE, {}).get("rougeL")
+    for model, x in peaks.items():
+        y = float(run.quality[model][metric])
+        low, high = _spread(run, model, metric, y)
+        if low or high:
+            ax.errorbar([x], [y], yerr=[[low], [high]], fmt="none", ecolor=colors[model], alpha=0.5, capsize=3)
+        marker = "D" if model == "ensemble" else "o"
+        ax.scatter([x], [y], s=90, marker=marker, color=colors[model], edgecolor="white", linewidth=1.2, zorder=3)
+    base = run.quality.get(BASE, {}).get(metric)
     if is_number(base):
         ax.axhline(base, color=colors.get(BASE, "#7f7f7f"), linestyle="--", linewidth=1)
         ax.annotate(
-            f"Base ROUGE-L {base:.4f}",
+            f"Base {metric_name(metric)} {base:.4f}",
             (0, base),
             xycoords=("axes fraction", "data"),
             xytext=(4, 4),
@@ -184,21 +189,46 @@ def memory_vs_quality(run: RunData, colors: Colors, folder: Path) -> Plot | None
             fontsize=8.5,
             color="#555555",
         )
-    xmax = max(run.training[m][key] for m in points)
-    ax.set_xlim(0, xmax * 1.25 if xmax > 0 else 1)
-    xlabel = (
-        "Peak GPU memory allocated (GiB)" if on_gpu else "Peak process RSS (GiB) — no GPU memory recorded"
-    )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("ROUGE-L")
+    xmax = max(peaks.values())
+    ax.set_xlim(0, xmax * 1.3 if xmax > 0 else 1)
+    low, high = ax.get_ylim()
+    margin = 0.08 * (high - low)
+    lowest = min([float(run.quality[m][metric]) for m in peaks] + ([float(base)] if is_number(base) else []))
+    # Base's line and every point inside the axes with room for labels; below 0 only to show a score of 0.
+    ax.set_ylim(max(min(low, lowest - margin), -margin), high)
+    _label_points(fig, ax, {m: (x, float(run.quality[m][metric])) for m, x in peaks.items()}, colors)
+    ax.set_xlabel("Peak GPU memory allocated while training (GiB)" if run.on_gpu
+                  else "Peak process RSS while training (GiB); no GPU")
+    ax.set_ylabel(metric_name(metric))
     ax.set_title("Memory vs quality")
     save(fig, folder / "memory_vs_quality.png")
-    what = (
-        "peak GPU memory allocated"
-        if on_gpu
-        else "peak process RSS (training ran without GPU memory numbers)"
-    )
-    return Plot("memory_vs_quality.png", f"ROUGE-L against {what}; the dashed line is Base.")
+    what = "peak GPU memory allocated" if run.on_gpu else "peak process RSS (this run trained without a GPU)"
+    ensemble = "; the ensemble (diamond) at the larger of its members' peaks" if "ensemble" in peaks else ""
+    return Plot("memory_vs_quality.png", f"{metric_name(metric)} against {what}{ensemble}; the dashed line is Base.")
+
+
+def _label_points(fig: Figure, ax: Axes, points: dict[str, tuple[float, float]], colors: Colors) -> None:
+    """Name each point next to it, trying positions around the point until the label overlaps no other
+    label and no marker (in display space, so it holds at any axis scale)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    markers = [ax.transData.transform(xy) for xy in points.values()]
+    placed: list[Any] = []
+    offsets = [(8, 6), (8, -14), (-8, 6), (-8, -14), (8, 20), (8, -28), (-8, 20), (-8, -28), (8, 34), (8, -42)]
+    for model, xy in sorted(points.items(), key=lambda item: item[1]):
+        for dx, dy in offsets:
+            text = ax.annotate(display(model), xy, xytext=(dx, dy), textcoords="offset points", fontsize=9.5,
+                               fontweight="bold", color=colors[model], ha="left" if dx > 0 else "right")
+            box = text.get_window_extent(renderer).expanded(1.05, 1.15)
+            hits_marker = any(box.x0 - 5 <= mx <= box.x1 + 5 and box.y0 - 5 <= my <= box.y1 + 5 for mx, my in markers)
+            if not hits_marker and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+        else:  # every position taken: keep the first one
+            text = ax.annotate(display(model), xy, xytext=offsets[0], textcoords="offset points", fontsize=9.5,
+                               fontweight="bold", color=colors[model])
+            placed.append(text.get_window_extent(renderer))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -236,10 +266,24 @@ def loss_curves(run: RunData, colors: Colors, folder: Path) -> Plot | None:
     ax.grid(True, axis="both")
     for model, segments in curves.items():
         for index, (stage, x, y) in enumerate(segments):
-            label = display(model) if stage is None else f"{display(model)} · {stage}"
+            label = display(model) if stage is None else f"{display(model)} · {display(stage)}"
             _loss_line(ax, x, y, colors[model], LINESTYLES[index % len(LINESTYLES)], label)
             if index > 0:
-                ax.axvline(x[0], color=colors[model], linestyle=":", linewidth=1, alpha=0.6)
+                boundary = (segments[index - 1][1][-1] + x[0]) / 2
+                ax.axvline(boundary, color=colors[model], linestyle=":", linewidth=1.2, alpha=0.8)
+                previous = segments[index - 1][0]
+                ax.annotate(
+                    f"{display(model)}: {display(str(previous))} → {display(str(stage))}",
+                    (boundary, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, -3),
+                    textcoords="offset points",
+                    rotation=90,
+                    ha="left",
+                    va="top",
+                    fontsize=8.5,
+                    color=colors[model],
+                )
     ax.set_xlabel(
         "Optimizer step" + (" (stages end to end)" if any(len(s) > 1 for s in curves.values()) else "")
     )
@@ -248,7 +292,8 @@ def loss_curves(run: RunData, colors: Colors, folder: Path) -> Plot | None:
     ax.legend(loc="upper right", ncol=2 if sum(len(s) for s in curves.values()) > 4 else 1)
     save(fig, folder / "loss.png")
     return Plot(
-        "loss.png", "Training loss per method (hybrid stages marked; long curves smoothed, raw values faint)."
+        "loss.png", "Training loss per optimizer step (a staged method's stages end to end, the boundary dotted and"
+        " labelled; long curves smoothed, raw values faint)."
     )
 
 
@@ -268,7 +313,7 @@ def training_speed(run: RunData, colors: Colors, folder: Path) -> Plot | None:
     methods = [
         m
         for m in run.trained
-        if any(is_number(run.training[m].get(k)) for k in ("train_time_s", "tokens_per_s"))
+        if total_time(run.training[m]) is not None or is_number(run.training[m].get("tokens_per_s"))
     ]
     if not methods:
         return None
@@ -286,77 +331,50 @@ def training_speed(run: RunData, colors: Colors, folder: Path) -> Plot | None:
         bars, labels=[fmt.rate(r) if is_number(r) else "n/a" for r in rates], padding=2, fontsize=8.5
     )
     rate_ax.set_ylim(0, max([r for r in rates if is_number(r)] or [1]) * 1.15)
-    rate_ax.set_title("Training throughput (tokens/s)")
+    rate_ax.set_ylabel("tokens/s")
+    rate_ax.set_title("Training throughput")
     _xticks(rate_ax, methods)
     save(fig, folder / "training_speed.png")
     return Plot(
-        "training_speed.png", "Training wall time (hybrid split into its stages) and training throughput."
+        "training_speed.png",
+        "Training wall time as in the Resources table (a staged method split into its stages, the merge included)"
+        " and training throughput.",
     )
 
 
-def _stage_times(metrics: dict[str, Any]) -> list[tuple[str, float]]:
-    parts = []
-    for stage in metrics.get("stages") or []:
-        if not isinstance(stage, dict):
-            continue
-        seconds = stage.get("train_time_s", stage.get("merge_time_s"))
-        if is_number(seconds):
-            parts.append(
-                (str(stage.get("method") or stage.get("kind") or stage.get("stage")), float(seconds))
-            )
-    total = metrics.get("train_time_s")
-    if parts and is_number(total) and total - sum(s for _, s in parts) > 0.01 * total:
+def _time_parts(metrics: dict[str, Any]) -> list[tuple[str, float]]:
+    """The stacked segments of one bar: the stages (merge included) plus any time outside them."""
+    parts = stage_times(metrics)
+    total = total_time(metrics)
+    if parts and total is not None and total - sum(s for _, s in parts) > 0.01 * total:
         parts.append(("other", total - sum(s for _, s in parts)))
     return parts
 
 
 def _time_panel(ax: Axes, run: RunData, methods: list[str], colors: Colors) -> None:
-    totals, heights = [], []
-    for method in methods:
-        metrics = run.training[method]
-        stacked = sum(s for _, s in _stage_times(metrics))
-        total = metrics.get("train_time_s")
-        totals.append(float(total) if is_number(total) else stacked)
-        heights.append(max(totals[-1], stacked))
-    peak = max(heights) if heights and max(heights) > 0 else 1.0
-    unit, scale = ("s", 1.0) if peak < 120 else ("min", 60.0) if peak < 7200 else ("h", 3600.0)
+    totals = [total_time(run.training[m]) or 0.0 for m in methods]
+    peak = max(totals) if totals and max(totals) > 0 else 1.0
+    unit = fmt.time_unit(peak)
+    scale = unit[1]
     for i, method in enumerate(methods):
-        parts = _stage_times(run.training[method]) or [("", totals[i])]
+        parts = _time_parts(run.training[method]) or [("", totals[i])]
         bottom = 0.0
         for j, (name, seconds) in enumerate(parts):
             height = seconds / scale
-            ax.bar(
-                i,
-                height,
-                bottom=bottom,
-                width=0.62,
-                color=colors[method],
-                alpha=1.0 - 0.28 * (j % 3),
-                edgecolor="white",
-                linewidth=1,
-            )
+            ax.bar(i, height, bottom=bottom, width=0.62, color=colors[method], alpha=1.0 - 0.28 * (j % 3),
+                   edgecolor="white", linewidth=1)
             if name and height > 0.08 * peak / scale:
-                ax.text(
-                    i,
-                    bottom + height / 2,
-                    name,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white",
-                    fontweight="bold",
-                )
+                ax.text(i, bottom + height / 2, display(name), ha="center", va="center", fontsize=8,
+                        color="white", fontweight="bold")
+            elif name:  # too thin to hold its name: label it beside the bar
+                ax.annotate(f"{display(name)} {fmt.short_duration(seconds)}", (i + 0.31, bottom + height / 2),
+                            xytext=(6, 0), textcoords="offset points", va="center", fontsize=7.5,
+                            color="#333333", arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.8})
             bottom += height
-        ax.text(
-            i,
-            heights[i] / scale + peak / scale * 0.02,
-            fmt.short_duration(totals[i]),
-            ha="center",
-            va="bottom",
-            fontsize=8.5,
-        )
+        ax.text(i, totals[i] / scale + peak / scale * 0.02, fmt.duration_in(totals[i], unit), ha="center",
+                va="bottom", fontsize=8.5)
     ax.set_ylim(0, peak / scale * 1.15)
-    ax.set_ylabel(unit)
+    ax.set_ylabel(unit[0])
     ax.set_title("Training time")
     _xticks(ax, methods)
 
@@ -369,23 +387,25 @@ def per_source_bars(run: RunData, colors: Colors, folder: Path) -> Plot | None:
     sources = sorted({s for m in models for s in run.quality[m]["per_source"]})
     if not sources:
         return None
-    fig = Figure(figsize=(10, 6.4), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
+    metrics = run.metrics
+    fig = Figure(figsize=(10, 1.2 + 2.6 * len(metrics)), layout="constrained")
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
     width = 0.8 / len(models)
-    for ax, metric in zip(axes, METRICS, strict=True):
+    for ax, metric in zip(axes, metrics, strict=True):
         for k, model in enumerate(models):
             values = [run.quality[model]["per_source"].get(s, {}).get(metric) for s in sources]
+            heights = [float(v) if is_number(v) else 0.0 for v in values]
             x = np.arange(len(sources)) - 0.4 + width * (k + 0.5)
-            ax.bar(
-                x,
-                [v if is_number(v) else 0 for v in values],
-                width=width * 0.92,
-                color=colors[model],
-                label=display(model),
-            )
+            ax.bar(x, heights, width=width * 0.92, color=colors[model], label=display(model))
+            _zero_marks(ax, x, [h if is_number(v) else None for h, v in zip(heights, values, strict=True)],
+                        width * 0.92, [colors[model]] * len(sources))
         ax.set_ylabel(metric_name(metric))
         ax.set_title(f"{metric_name(metric)} per source")
+        top = max((float(run.quality[m]["per_source"].get(s, {}).get(metric) or 0) for m in models for s in sources),
+                  default=0.0)
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
     axes[-1].set_xticks(range(len(sources)), sources)
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save(fig, folder / "per_source.png")
-    return Plot("per_source.png", "BLEU-4 and ROUGE-L per data source.")
+    return Plot("per_source.png", f"{fmt.join_names([metric_name(m) for m in metrics])} per data source"
+                " (a zero score is a thick stroke on the baseline).")

@@ -68,19 +68,37 @@ figure img { max-width:100%; height:auto; border:1px solid var(--line); border-r
 figcaption { color:var(--muted); font-size:13px; margin-top:6px; }
 pre.code { background:#0f1720; color:#e6edf3; padding:12px 16px; border-radius:6px; overflow-x:auto;
   font:13px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace; }
-.example { border:1px solid var(--line); border-radius:8px; margin:18px 0; overflow:hidden; }
-.example h3 { margin:0; padding:9px 14px; background:var(--soft); border-bottom:1px solid var(--line);
-  font-size:14.5px; }
+.example { border:1px solid var(--line); border-radius:8px; margin:12px 0; overflow:hidden; }
+.example > summary { margin:0; padding:9px 14px; background:var(--soft); font-weight:650; font-size:14.5px;
+  cursor:pointer; }
+.example[open] > summary { border-bottom:1px solid var(--line); }
 .label { font-size:12.5px; color:var(--muted); font-weight:700; margin-bottom:4px; display:flex;
   justify-content:space-between; gap:8px; }
 .example .top { display:grid; grid-template-columns:1fr 1fr; border-bottom:1px solid var(--line); }
 .example .top > div { padding:10px 14px; }
 .example .prompt { background:#fffdf5; border-right:1px solid var(--line); }
 .example .reference { background:#f4fbf4; }
-.answers { display:grid; gap:10px; padding:12px 14px 14px; }
+.answers { display:grid; gap:10px; padding:12px 14px 14px; grid-template-columns:repeat(var(--columns), minmax(0, 1fr)); }
 .answer { padding:8px 12px 10px; border:1px solid var(--line); border-top:3px solid #999; border-radius:5px; }
 .score { font-variant-numeric:tabular-nums; font-weight:600; }
-.text { white-space:pre-wrap; overflow-wrap:anywhere; font-size:13px; line-height:1.45; }
+.text { white-space:pre-wrap; overflow-wrap:anywhere; font-size:13px; line-height:1.45; max-height:15em;
+  overflow-y:auto; }
+.name { white-space:nowrap; }
+.sub { display:block; color:var(--muted); font-size:11.5px; }
+p.verdict { font-weight:650; font-size:16px; background:#f3f8fd; border-left:4px solid var(--accent);
+  padding:10px 14px; border-radius:4px; margin:14px 0; }
+section#recommendation ul { margin:8px 0; padding-left:22px; }
+@media (max-width: 900px) {
+  .wrap { padding:0 14px; }
+  header.top h1 { font-size:21px; }
+  dl.meta { font-size:13px; }
+  nav.toc { overflow-x:auto; white-space:nowrap; }
+  table { font-size:12.5px; }
+  th, td { padding:5px 7px; }
+  .example .top { grid-template-columns:1fr; }
+  .example .prompt { border-right:none; border-bottom:1px solid var(--line); }
+  .answers { grid-template-columns:1fr; }
+}
 .empty { color:var(--muted); font-style:italic; }
 footer { color:var(--muted); font-size:12.5px; padding:18px 0 30px; border-top:1px solid var(--line); }
 """
@@ -111,6 +129,8 @@ def _section(section: Section) -> str:
 
 def _block(block: Block) -> str:
     if isinstance(block, Paragraph):
+        if block.strong:
+            return f'<p class="verdict">{escape(block.text)}</p>'
         return f'<p class="muted">{escape(block.text)}</p>' if block.muted else f"<p>{escape(block.text)}</p>"
     if isinstance(block, Bullets):
         return _bullets(block)
@@ -142,7 +162,9 @@ def _cell(cell: CellLike, align: str) -> str:
     if cell.bold and text:
         text = f"<b>{text}</b>"
     if cell.color:
-        text = f'<span class="dot" style="background:{escape(cell.color)}"></span>{text}'
+        text = f'<span class="name"><span class="dot" style="background:{escape(cell.color)}"></span>{text}</span>'
+    if cell.sub:
+        text += f'<span class="sub">{escape(cell.sub)}</span>'
     return f"<td{cls}>{text}</td>"
 
 
@@ -193,10 +215,11 @@ def _example(example: Example) -> str:
         )
     columns = _answer_columns(len(cards))
     return (
-        f'<div class="example"><h3>{escape(example.title)}</h3><div class="top">'
+        f'<details class="example"{" open" if example.open else ""}><summary>{escape(example.title)}</summary>'
+        '<div class="top">'
         f'<div class="prompt"><div class="label"><span>Prompt ({escape(example.prompt_note)})</span></div>'
         f"{_text(example.prompt)}</div>"
         f'<div class="reference"><div class="label"><span>Reference</span></div>{_text(example.reference)}</div></div>'
-        f'<div class="answers" style="grid-template-columns:repeat({columns}, minmax(0, 1fr))">{"".join(cards)}</div>'
-        "</div>"
+        f'<div class="answers" style="--columns:{columns}">{"".join(cards)}</div>'
+        "</details>"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html import escape as html_escape
 
 from peftlab.report.doc import (
     Block,
@@ -50,6 +51,8 @@ def _section(section: Section) -> str:
 
 def _block(block: Block) -> str:
     if isinstance(block, Paragraph):
+        if block.strong:
+            return f"**{escape(block.text)}**"
         return f"*{escape(block.text)}*" if block.muted else escape(block.text)
     if isinstance(block, Bullets):
         return _bullets(block)
@@ -73,7 +76,8 @@ def _bullets(block: Bullets) -> str:
 def _cell(cell: CellLike) -> str:
     if isinstance(cell, Cell):
         text = escape(cell.text)
-        return f"**{text}**" if cell.bold and text else text
+        text = f"**{text}**" if cell.bold and text else text
+        return f"{text} {escape(cell.sub)}" if cell.sub else text
     return escape(cell)
 
 
@@ -90,8 +94,9 @@ def _table(table: Table) -> str:
 
 
 def _example(example: Example) -> str:
+    """A collapsible block (GitHub renders <details>); the first example starts unfolded."""
     parts = [
-        f"### {escape(example.title)}",
+        f"<details{' open' if example.open else ''}><summary><b>{_html(example.title)}</b></summary>",
         f"**Prompt** ({escape(example.prompt_note)}):",
         fence(example.prompt),
         "**Reference:**",
@@ -100,4 +105,9 @@ def _example(example: Example) -> str:
     for answer in example.answers:
         score = f" — ROUGE-L {answer.rouge_l:.3f}" if answer.rouge_l is not None else ""
         parts += [f"**{escape(answer.label)}**{score}:", fence(answer.text or "(empty)")]
+    parts.append("</details>")
     return "\n\n".join(parts)
+
+
+def _html(text: str) -> str:
+    return html_escape(text, quote=False)

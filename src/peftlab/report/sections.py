@@ -1,7 +1,8 @@
-"""Build the report's sections (findings, tables, figures, examples, data, reproduce) from a `RunData`."""
+"""Build the report's sections (recommendation, findings, tables, figures, examples, data, reproduce)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from peftlab.report.doc import (
 from peftlab.report.examples import PROMPT_CHARS, last_user_turn, select_examples
 from peftlab.report.findings import build_findings, compared_pairs, find_comparison, method_note
 from peftlab.report.fmt import display, is_number, metric_name
-from peftlab.report.load import BASE, RunData
+from peftlab.report.load import BASE, RunData, total_time
 from peftlab.report.plots import Plot
+from peftlab.report.recommend import recipe_length, recommendation_blocks, verdict
 
 ANSWER_CHARS = 1500
 Colors = dict[str, str]
@@ -37,6 +39,7 @@ def build_document(run: RunData, plots: list[Plot], plot_dir: Path, colors: Colo
         return [figures[n] for n in names if n in figures]
 
     sections = [
+        Section("recommendation", "Recommendation", recommendation_blocks(run, colors)),
         Section("findings", "Headline findings", [Bullets(build_findings(run))]),
         Section("quality", "Quality", [*quality_blocks(run, colors), *figs("quality.png")]),
         Section(
@@ -49,6 +52,8 @@ def build_document(run: RunData, plots: list[Plot], plot_dir: Path, colors: Colo
         ),
         Section("significance", "Pairwise significance", comparison_blocks(run, colors)),
     ]
+    if any(run.seed_values(m, run.primary) for m in run.evaluated):
+        sections.append(Section("seeds", "Seed repeats", seed_blocks(run, colors)))
     if run.ensemble:
         sections.append(Section("ensemble", "Ensemble weight selection", ensemble_blocks(run)))
     sections += [
@@ -106,14 +111,37 @@ def _model_cell(name: str, colors: Colors, bold: bool = False) -> Cell:
 # ------------------------------------------------------------------------------------------- quality
 
 
+OTHER_METRICS = ("exact_match", "exact_match_norm", "rouge1", "rouge2", "bleu4", "rougeL")
+
+
+def metric_cell(run: RunData, model: str, metric: str, *, bold: bool = False, with_spread: bool = True) -> Cell:
+    """A score, with its 95% CI (or ± SD over seeds) as a second line; exact matches add the row count."""
+    q = run.quality[model]
+    text = fmt.score(q.get(metric))
+    count, n = q.get(f"{metric}_count"), q.get("n")
+    if is_number(count) and is_number(n) and not run.seed_values(model, metric):
+        text += f" ({fmt.integer(count)}/{fmt.integer(n)})"
+    sub = None
+    if with_spread:
+        if run.seed_values(model, metric) and is_number(q.get(f"{metric}_sd")):
+            sub = f"± {fmt.score(q[f'{metric}_sd'])} SD, {len(run.seed_values(model, metric))} seeds"
+        elif fmt.interval(q.get(f"{metric}_ci")) != fmt.MISSING:
+            sub = fmt.interval(q.get(f"{metric}_ci"))
+    return Cell(text, bold=bold and text != fmt.MISSING, sub=sub)
+
+
 def quality_blocks(run: RunData, colors: Colors) -> list[Any]:
     models = run.evaluated
     if not models:
         return [Paragraph("No model has been evaluated yet.", muted=True)]
+    lead = run.metrics
+    others = [m for m in OTHER_METRICS if m not in lead]
     best = {
         m: max((run.quality[x].get(m) for x in models if is_number(run.quality[x].get(m))), default=None)
-        for m in ("bleu4", "rougeL")
+        for m in lead
     }
+    # Bold marks a best score only where the models differ.
+    distinct = {m for m in lead if len({run.quality[x].get(m) for x in models}) > 1}
     base = run.quality.get(BASE, {})
     rows = []
     for model in models:
@@ -122,32 +150,26 @@ def quality_blocks(run: RunData, colors: Colors) -> list[Any]:
             [
                 _model_cell(model, colors),
                 fmt.integer(q.get("n")),
-                Cell(fmt.score(q.get("bleu4")), bold=q.get("bleu4") == best["bleu4"] and len(models) > 1),
-                fmt.interval(q.get("bleu4_ci")),
-                Cell(fmt.score(q.get("rougeL")), bold=q.get("rougeL") == best["rougeL"] and len(models) > 1),
-                fmt.interval(q.get("rougeL_ci")),
-                _delta(run, model, base, "bleu4"),
-                _delta(run, model, base, "rougeL"),
-                fmt.score(q.get("rouge1")),
-                fmt.score(q.get("rouge2")),
+                *(metric_cell(run, model, m, bold=q.get(m) == best[m] and m in distinct) for m in lead),
+                _delta(run, model, base, run.primary),
+                *(metric_cell(run, model, m, with_spread=False) for m in others),
             ]
         )
-    headers = [
-        "Model",
-        "n",
-        "BLEU-4",
-        "BLEU-4 95% CI",
-        "ROUGE-L",
-        "ROUGE-L 95% CI",
-        "Δ BLEU-4 vs Base",
-        "Δ ROUGE-L vs Base",
-        "ROUGE-1",
-        "ROUGE-2",
+    headers = ["Model", "n", *(metric_name(m) for m in lead), f"Δ {metric_name(run.primary)} vs Base",
+               *(metric_name(m) for m in others)]
+    notes = [
+        "Leading metrics (evaluate.metrics) first, with their 95% bootstrap CI underneath; best in bold. "
+        "Exact match: the answer equals the reference (surrounding whitespace aside); normalised EM: equal after "
+        "SQuAD normalisation (case, punctuation, a/an/the, whitespace); matching rows in parentheses."
     ]
-    notes = ["Best score per metric in bold. Δ is absolute, with the relative change in parentheses."]
     if BASE in run.quality:
-        notes.append(f"* the difference from Base is significant (p < {fmt.ALPHA}, {method_note(run)}).")
-    return [Table(headers, rows, "lrrrrrrrrr", notes=notes)]
+        notes.append(f"Δ is absolute, relative change in parentheses; * the difference from Base is significant "
+                     f"({method_note(run)}, Holm-adjusted p < {fmt.ALPHA}).")
+    missing = [display(m) for m in models if not is_number(run.quality[m].get("exact_match"))]
+    if missing:
+        notes.append(f"No exact match recorded for {fmt.join_names(missing)}: results.json of an older peftlab,"
+                     " without the predictions (eval/<model>/predictions.jsonl) to score it from.")
+    return [drop_empty_columns(Table(headers, rows, "lr" + "r" * (len(headers) - 2), notes=notes))]
 
 
 def _delta(run: RunData, model: str, base: dict[str, Any], metric: str) -> str:
@@ -157,7 +179,7 @@ def _delta(run: RunData, model: str, base: dict[str, Any], metric: str) -> str:
     if not (is_number(value) and is_number(ref)):
         return fmt.MISSING
     item = find_comparison(run, model, BASE, metric)
-    star = "*" if item is not None and fmt.significant(item.get("p_value")) else ""
+    star = "*" if item is not None and fmt.significant(fmt.decisive_p(item)) else ""
     return f"{fmt.signed(value - ref)} ({fmt.percent_change(value - ref, ref)}){star}"
 
 
@@ -186,7 +208,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
                 _gpu_cell(m, "peak_gpu_alloc_gib"),
                 _gpu_cell(m, "peak_gpu_reserved_gib"),
                 fmt.gib(m.get("peak_rss_gib")),
-                fmt.duration(m.get("train_time_s")),
+                fmt.duration(total_time(m)),
                 fmt.rate(m.get("tokens_per_s")),
                 fmt.count(m.get("trainable_params")),
                 fmt.share(m.get("trainable_params"), m.get("total_params")),
@@ -209,18 +231,32 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
     ]
     untrained = [display(m) for m in run.evaluated if m not in run.training]
     notes = ["GiB = 2³⁰ bytes. Peak GPU numbers are torch's allocator peaks; RSS is the training process."]
+    staged = [display(m) for m in run.trained if run.training[m].get("stages")]
+    if staged:
+        notes.append(f"Training time of {fmt.join_names(staged)}: every stage, the merge included.")
     if untrained:
         notes.append(
             f"{fmt.join_names(untrained)}: no training run of {'their' if len(untrained) > 1 else 'its'} own."
         )
-    blocks: list[Any] = [Table(headers, rows, "llrrrrrrrrr", notes=notes)]
+    table = Table(headers, rows, "llrrrrrrrrr", notes=notes)
+    if run.cpu_only:
+        notes[0] = "GiB = 2³⁰ bytes. No GPU in this run: memory is the training process's peak RSS."
+    blocks: list[Any] = [_without_gpu_columns(table) if run.cpu_only else table]
     for method in run.trained:
         stages = [s for s in run.training[method].get("stages") or [] if isinstance(s, dict)]
         if stages:
-            blocks.append(_stage_table(method, stages))
+            stage_table = _stage_table(method, stages)
+            blocks.append(_without_gpu_columns(stage_table) if run.cpu_only else stage_table)
     if speed is not None:
         blocks.append(speed)
     return blocks
+
+
+def _without_gpu_columns(table: Table) -> Table:
+    """The table less its GPU columns: on a run without a GPU they would only say so on every row."""
+    keep = [i for i, h in enumerate(table.headers) if "GPU" not in h]
+    return Table([table.headers[i] for i in keep], [[r[i] for i in keep] for r in table.rows],
+                 "".join(table.align[i] for i in keep), caption=table.caption, notes=table.notes)
 
 
 def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
@@ -250,11 +286,15 @@ def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
         return None
     headers = ["Model", "Decoder", "Generated tokens", "Time", "Tokens/s", "Rows per batch",
                "Graph replays / decoding steps", "Fell back to eager", "Out of GPU memory"]
+    if run.cpu_only:  # CUDA graphs and GPU memory retries do not exist on a CPU
+        return Table(headers[:6], [row[:6] for row in rows], "llrrrr", caption="Generation speed (CPU)",
+                     notes=["Greedy decoding of the test split on the CPU. static: static KV cache, eager steps;"
+                            " generate: plain model.generate."])
     notes = ["Greedy decoding of the test split. static: static KV cache, each step after a batch's first one "
              "CUDA graph replay on a GPU (eager on a CPU); generate: plain model.generate. Out of GPU memory: "
              "times decoding stepped down to fewer batches or rows, and batches decoded eagerly because their "
              "capture did not fit (lower evaluate.max_batch_tokens or concurrent_batches to avoid both)."]
-    return Table(headers, rows, "llrrrrrll", notes=notes)
+    return Table(headers, rows, "llrrrrrll", caption="Generation speed and GPU decoder", notes=notes)
 
 
 def _memory_retries(decoder: dict[str, Any]) -> str:
@@ -323,27 +363,32 @@ def per_source_blocks(run: RunData, colors: Colors) -> list[Any]:
     if not sources:
         return [Paragraph("No per-source scores in results.json.", muted=True)]
     blocks: list[Any] = []
-    for metric in ("bleu4", "rougeL"):
+    metrics = [*run.metrics, *(m for m in ("exact_match_norm", "exact_match") if m not in run.metrics)]
+    for metric in metrics:
+        if not any(is_number(run.quality[m]["per_source"].get(s, {}).get(metric)) for m in models for s in sources):
+            continue
         rows = []
         for source in sources:
             cells = {m: run.quality[m]["per_source"].get(source, {}) for m in models}
             values = [c.get(metric) for c in cells.values() if is_number(c.get(metric))]
-            top = max(values) if len(values) > 1 else None
+            top = max(values) if len(set(values)) > 1 else None
             n = next((c.get("n") for c in cells.values() if is_number(c.get("n"))), None)
-            rows.append(
-                [source, fmt.integer(n)]
-                + [
-                    Cell(
-                        fmt.score(cells[m].get(metric)), bold=top is not None and cells[m].get(metric) == top
-                    )
-                    for m in models
-                ]
-            )
+            row: list[Any] = [source, fmt.integer(n)]
+            for m in models:
+                text = fmt.score(cells[m].get(metric))
+                if is_number(cells[m].get(f"{metric}_count")) and not run.seed_values(m, metric):
+                    text += f" ({fmt.integer(cells[m][f'{metric}_count'])})"
+                row.append(Cell(text, bold=top is not None and cells[m].get(metric) == top))
+            rows.append(row)
         headers = ["Source", "n", *(display(m) for m in models)]
         blocks.append(
             Table(headers, rows, "lr" + "r" * len(models), caption=f"{metric_name(metric)} per source")
         )
-    blocks[-1].notes.append("Best model per source in bold.")
+    if blocks:
+        exact = any(m.startswith("exact_match") for m in metrics if any(
+            is_number(run.quality[x]["per_source"].get(s, {}).get(m)) for x in models for s in sources))
+        blocks[-1].notes.append("Best model per source in bold" + ("; exact matches: matching rows in parentheses."
+                                                                    if exact else "."))
     return blocks
 
 
@@ -353,42 +398,74 @@ def per_source_blocks(run: RunData, colors: Colors) -> list[Any]:
 def comparison_blocks(run: RunData, colors: Colors) -> list[Any]:
     if not run.comparisons:
         return [Paragraph("No pairwise comparisons in results.json.", muted=True)]
-    rows = []
-    for a, b in compared_pairs(run):
-        for metric in ("bleu4", "rougeL"):
+    corrected = any(is_number(c.get("p_holm")) for c in run.comparisons)
+    if corrected:
+        intro = (f"{method_note(run)}: both models are rescored on the same resampled test rows; two-sided p-values."
+                 f" Multiple comparisons: Holm's step-down correction within each metric over all its pairs (it"
+                 f" controls the chance of any false positive among them at {fmt.ALPHA}); a difference is called"
+                 f" significant when its Holm-adjusted p is below {fmt.ALPHA}.")
+    else:
+        intro = (f"{method_note(run)}: both models are rescored on the same resampled test rows; two-sided p-values."
+                 " This results.json has no Holm-adjusted p-values (re-run `peftlab report` to add them): the raw"
+                 " p-values below are not corrected for multiple comparisons.")
+    blocks: list[Any] = [Paragraph(intro[0].upper() + intro[1:])]
+    metrics = [*run.metrics, *sorted({str(c.get("metric")) for c in run.comparisons} - set(run.metrics))]
+    for metric in metrics:
+        rows = []
+        for a, b in compared_pairs(run):
             item = find_comparison(run, a, b, metric)
             if item is None:
                 continue
-            p = item.get("p_value")
+            decisive = fmt.decisive_p(item)
             rows.append(
                 [
                     _model_cell(a, colors),
                     _model_cell(b, colors),
-                    metric_name(metric),
                     fmt.score(run.quality.get(a, {}).get(metric)),
                     fmt.score(run.quality.get(b, {}).get(metric)),
-                    fmt.signed(item.get("diff")),
-                    fmt.interval(item.get("ci")),
-                    fmt.p_value(p),
-                    Cell("yes", bold=True) if fmt.significant(p) else ("no" if is_number(p) else fmt.MISSING),
+                    Cell(fmt.signed(item.get("diff")), sub=fmt.interval(item.get("ci"))),
+                    fmt.p_value(item.get("p_value")),
+                    fmt.p_value(item.get("p_holm")),
+                    Cell("yes", bold=True) if fmt.significant(decisive) else ("no" if is_number(decisive) else fmt.MISSING),
                 ]
             )
-    headers = [
-        "A",
-        "B",
-        "Metric",
-        "A score",
-        "B score",
-        "Diff (A − B)",
-        "95% CI of diff",
-        "p-value",
-        f"p < {fmt.ALPHA}",
-    ]
-    note = (
-        f"{method_note(run)}: both systems are rescored on the same resampled rows; two-sided p-value. "
-        "No correction for multiple comparisons."
-    )
-    return [Table(headers, rows, "lllrrrrrl", notes=[note[0].upper() + note[1:]])]
+        if not rows:
+            continue
+        headers = ["A", "B", "A score", "B score", "A − B (95% CI)", "p", "Holm p", "Significant"]
+        table = Table(headers, rows, "llrrrrrl", caption=metric_name(metric))
+        blocks.append(drop_empty_columns(table) if not corrected else table)
+    return blocks
+
+
+def seed_blocks(run: RunData, colors: Colors) -> list[Any]:
+    """Mean and SD over training seeds, and whether each difference exceeds the spread between seeds."""
+    metric = run.primary
+    models = [m for m in run.evaluated if run.seed_values(m, metric)]
+    blocks: list[Any] = [Paragraph(
+        f"Each of {fmt.join_names([display(m) for m in models])} was trained once per seed. A difference between two"
+        f" models exceeds the spread between seeds when every seed of one scores above every seed of the other;"
+        f" otherwise the choice of seed alone could reverse it."
+    )]
+    rows = []
+    for model in models:
+        values = run.seed_values(model, metric)
+        q = run.quality[model]
+        rows.append([_model_cell(model, colors), str(len(values)), fmt.score(q.get(metric)),
+                     fmt.score(q.get(f"{metric}_sd")), f"{min(values):.4f}–{max(values):.4f}",
+                     ", ".join(f"{v:.4f}" for v in values)])
+    blocks.append(Table(["Model", "Seeds", f"Mean {metric_name(metric)}", "SD", "Range", "Per seed"], rows,
+                        "lrrrrl", caption=f"{metric_name(metric)} over training seeds"))
+    pairs = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            v = verdict(run, a, b, metric)
+            diff = (run.quality[v.better].get(metric) or 0.0) - (run.quality[v.worse].get(metric) or 0.0)
+            pairs.append([_model_cell(v.better, colors), _model_cell(v.worse, colors), fmt.signed(diff),
+                          Cell("yes", bold=True) if v.significant else "no"])
+    if pairs:
+        blocks.append(Table(["Higher mean", "Lower mean", "Difference of means", "Exceeds the seed spread"], pairs,
+                            "llrl", caption="Differences against the spread between seeds"))
+    return blocks
 
 
 # ------------------------------------------------------------------------------------------ ensemble
@@ -436,7 +513,8 @@ def example_blocks(run: RunData, colors: Colors) -> list[Any]:
     blocks: list[Any] = [
         Paragraph(
             "Test rows where the models' ROUGE-L differs most, taken in turn from each source "
-            "(ROUGE-L F-measure against the reference is shown per answer)."
+            "(ROUGE-L F-measure against the reference is shown per answer). Click an example to unfold it; "
+            "long texts scroll inside their box."
         )
     ]
     for number, row in enumerate(rows, start=1):
@@ -455,6 +533,7 @@ def example_blocks(run: RunData, colors: Colors) -> list[Any]:
                 prompt_note=note,
                 reference=fmt.truncate(row.reference, ANSWER_CHARS),
                 answers=answers,
+                open=number == 1,
             )
         )
     return blocks
@@ -524,11 +603,10 @@ def _dropped(dropped: object) -> str:
 
 
 def reproduce_blocks(run: RunData) -> list[Any]:
-    config_file = run.env.get("config_file") or str(run.run_dir / "config.resolved.yaml")
-    commands = f"peftlab study {config_file}\npeftlab report {run.run_dir}"
+    command = reproduce_command(run)
     blocks: list[Any] = [
         Paragraph("Re-run the whole study (finished stages are skipped), then rebuild this report:"),
-        Code(commands),
+        Code(f"{command}\npeftlab report {shlex.quote(_run_dir_argument(run))}"),
     ]
     if run.env.get("command"):
         blocks.append(Paragraph(f"This run was started with: {run.env['command']}", muted=True))
@@ -537,8 +615,7 @@ def reproduce_blocks(run: RunData) -> list[Any]:
         blocks.append(_methods_table(methods))
     versions = run.results.get("versions") or run.env.get("versions") or {}
     if isinstance(versions, dict) and versions:
-        rows = [[str(k), str(v)] for k, v in versions.items()]
-        blocks.append(Table(["Package", "Version"], rows, "ll", caption="Versions"))
+        blocks.append(Paragraph("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."))
     facts = []
     hardware = run.results.get("hardware") or run.env.get("hardware") or {}
     if isinstance(hardware, dict):
@@ -550,40 +627,109 @@ def reproduce_blocks(run: RunData) -> list[Any]:
     return blocks
 
 
+def _run_dir_argument(run: RunData) -> str:
+    """The run directory as the recorded command named it (--out), else as this report was built."""
+    args = _recorded_args(run)
+    for i, arg in enumerate(args):
+        if arg == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--out="):
+            return arg.removeprefix("--out=")
+    return str(run.run_dir)
+
+
+def _recorded_args(run: RunData) -> list[str]:
+    command = run.env.get("command")
+    if not isinstance(command, str):
+        return []
+    try:
+        return shlex.split(command)[1:]
+    except ValueError:
+        return command.split()[1:]
+
+
+def reproduce_command(run: RunData) -> str:
+    """`peftlab study CONFIG [--set K=V ...] --out RUN`: the recorded command's config (repo-relative, or a
+    shipped config's name), every --set override in order, and the run directory."""
+    args = _recorded_args(run)
+    overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
+    overrides += [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+    parts = ["peftlab", "study", config_argument(run)]
+    for item in overrides:
+        parts += ["--set", item]
+    parts += ["--out", _run_dir_argument(run)]
+    return " ".join(shlex.quote(p) for p in parts[:3]) + "".join(
+        f" \\\n  {shlex.quote(parts[i])} {shlex.quote(parts[i + 1])}" for i in range(3, len(parts), 2)
+    )
+
+
+def config_argument(run: RunData) -> str:
+    """The study config as a command argument: a shipped config's name, a path relative to the repository
+    (or working directory) holding it, else the run's own config.resolved.yaml."""
+    recorded = run.env.get("config_file")
+    if not isinstance(recorded, str) or not recorded:
+        return str(run.run_dir / "config.resolved.yaml")
+    path = Path(recorded)
+    from peftlab.config import BUILTIN_CONFIG_DIR
+
+    if path.is_absolute() and path.parent.resolve() == BUILTIN_CONFIG_DIR.resolve():
+        return path.stem
+    if not path.is_absolute():
+        return recorded
+    for root in (Path.cwd(), *_repository_roots(path)):
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            continue
+    return recorded
+
+
+def _repository_roots(path: Path) -> list[Path]:
+    return [parent for parent in path.parents if (parent / ".git").exists() or (parent / "pyproject.toml").is_file()]
+
+
 def _methods_table(methods: dict[str, Any]) -> Table:
     rows = []
     for name, m in methods.items():
         if not isinstance(m, dict):
             continue
-        steps, epochs, lr = m.get("max_steps"), m.get("epochs"), m.get("lr")
-        length = (
-            f"{steps} steps"
-            if is_number(steps) and steps > 0
-            else f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
-            if is_number(epochs)
-            else ""
-        )
-        batch = (
-            f"{m['batch_size']} × {m['grad_accum']}"
-            if is_number(m.get("batch_size")) and is_number(m.get("grad_accum"))
-            else ""
-        )
+        stages = [st for st in m.get("stages") or [] if isinstance(st, dict)]
+        if stages:  # each stage runs its own method's recipe: the hybrid's own epochs, LR and batch are unused
+            trained = [st for st in stages if st.get("method") != "merge"]
+            own = [methods.get(st.get("method")) if isinstance(methods.get(st.get("method")), dict) else {}
+                   for st in trained]
+            lrs = [f"{display(str(st.get('method')))} {o['lr']:g}" for st, o in zip(trained, own, strict=True)
+                   if is_number(o.get("lr"))]
+            batches = [f"{display(str(st.get('method')))} {_batch(o)}" for st, o in zip(trained, own, strict=True)
+                       if _batch(o)]
+            rows.append([display(name), str(m.get("kind", "")), recipe_length(m, methods),
+                         ", ".join(lrs) or fmt.MISSING, ", ".join(batches) or fmt.MISSING, _method_details(m)])
+            continue
+        lr = m.get("lr")
         rows.append(
             [
                 display(name),
                 str(m.get("kind", "")),
-                length or fmt.MISSING,
+                recipe_length(m, methods),
                 f"{lr:g}" if is_number(lr) else fmt.MISSING,
-                batch or fmt.MISSING,
+                _batch(m) or fmt.MISSING,
                 _method_details(m),
             ]
         )
     return Table(
         ["Method", "Kind", "Length", "LR", "Batch × accum", "Details"],
         rows,
-        "lllrrl",
+        "llllll",
         caption="Training recipes (from the resolved config)",
+        notes=["A staged method runs each stage with that method's recipe (its LR, batch and settings) for the"
+               " stage's own length."] if any(isinstance(m, dict) and m.get("stages") for m in methods.values()) else [],
     )
+
+
+def _batch(m: dict[str, Any]) -> str:
+    if is_number(m.get("batch_size")) and is_number(m.get("grad_accum")):
+        return f"{m['batch_size']} × {m['grad_accum']}"
+    return ""
 
 
 def _method_details(m: dict[str, Any]) -> str:
@@ -597,7 +743,7 @@ def _method_details(m: dict[str, Any]) -> str:
             m.get("galore"), {"rank": "rank", "update_proj_gap": "gap", "scale": "scale"}
         )
     if kind == "hybrid":
-        stages = [str(s.get("method")) for s in m.get("stages") or [] if isinstance(s, dict)]
+        stages = [display(str(s.get("method"))) for s in m.get("stages") or [] if isinstance(s, dict)]
         return " → ".join(stages)
     return ""
 
