@@ -51,9 +51,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftlab.config import StudyConfig, config_from_dict, config_to_dict, evaluated_models
+from peftlab.config import StudyConfig, config_to_dict, evaluated_models
 from peftlab.errors import UserError
 from peftlab.evaluate.metrics import (
     EXACT_TYPES,
@@ -64,7 +62,7 @@ from peftlab.evaluate.metrics import (
     score_rows,
     summarize_table,
 )
-from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, write_json
+from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, read_run_config, write_json
 
 SCHEMA = 2
 ALPHA = 0.05
@@ -206,19 +204,12 @@ def _holm_note(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
 
 def load_run_config(run_dir: Path) -> StudyConfig:
     """The study config a run directory was made with (its config.resolved.yaml)."""
-    path = run_dir / "config.resolved.yaml"
-    if not path.is_file():
+    if not (run_dir / "config.resolved.yaml").is_file():
         raise UserError(
             f"{run_dir}: no results.json and no config.resolved.yaml to rebuild it from; run"
             f" `peftlab study CONFIG --out {run_dir}`, or `peftlab prepare`, `train` and `evaluate` with --out {run_dir}"
         )
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config sections")
-    return config_from_dict(raw, source=str(path))
+    return read_run_config(run_dir)
 
 
 def ensure_results(run_dir: Path) -> str | None:
