@@ -123,3 +123,22 @@ def test_report_to_names_a_known_integration_and_an_installed_one():
     with pytest.raises(UserError, match=f"{missing} is not available"):
         check_reporting(load_config("smoke", [f"train.report_to={missing}"]), "qlora")
     check_reporting(load_config("smoke"), "qlora")  # none by default: nothing to check
+
+
+def test_progress_on_a_terminal_is_one_bar_with_the_note(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with StageProgress(4, "train galore", "step") as bar:
+        for _ in range(4):
+            bar.advance()
+        bar.note("loss 1.2345")
+    text = terminal.getvalue()
+    assert "\r" in text and "train galore" in text and "4/4" in text and "loss 1.2345" in text
+    assert "\n  train galore" not in text  # redrawn in place, not printed as log lines

@@ -29,11 +29,11 @@ class ChatSession:
         from peftlab.evaluate.runner import load_eval_model
         from peftlab.models import device_name, load_tokenizer
 
-        if name != "base" and name not in config.methods:
-            known = ", ".join(["base", *config.methods])
-            detail = (" (the ensemble mixes two models at every step; chat with one of its members)"
-                      if name == "ensemble" else "")
-            raise UserError(f"--model {name}: not a model of this run{detail}; known: {known}")
+        if name == "ensemble":
+            raise UserError("--model ensemble: the ensemble mixes two models at every step; chat with one of its"
+                            f" members ({', '.join(config.evaluate.ensemble.members)})")
+        if name != "base":
+            config.method(name)  # an unknown method or seed repeat: one line naming the known ones
         self.max_new_tokens = max_new_tokens if max_new_tokens is not None else config.evaluate.max_new_tokens
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")

@@ -135,6 +135,9 @@ class MethodConfig:
     gradient_checkpointing: bool = True
     loss_on: Literal["assistant", "all"] = "assistant"
     seed: int = 42
+    # Seed repeats: train the method once per seed. The first seed's run keeps the method's name (and
+    # replaces `seed`); each further seed S trains as `<method>@S` (train/<method>@S/, eval/<method>@S/).
+    seeds: list[int] = field(default_factory=list)
     # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU (adamw_8bit on CPU), adamw_torch otherwise.
     optimizer: str = "auto"
     # Batches of similar-length rows (less padding); `random` keeps the study's plain shuffle.
@@ -213,10 +216,19 @@ class StudyConfig:
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def method(self, name: str) -> MethodConfig:
-        if name not in self.methods:
+        """The method `name`, or for a seed repeat `<method>@<seed>` that method with that seed."""
+        base, at, seed = name.partition("@")
+        if base not in self.methods:
             known = ", ".join(self.methods) or "none"
-            raise UserError(f"unknown method '{name}' (configured methods: {known})")
-        return self.methods[name]
+            raise UserError(f"unknown method '{base}' (configured methods: {known})")
+        method = self.methods[base]
+        if not at:
+            return method
+        extra = method_seeds(method)[1:]
+        if not seed.isdigit() or int(seed) not in extra:
+            repeats = ", ".join(f"{base}@{s}" for s in extra) or "none: train.seeds has one seed"
+            raise UserError(f"unknown seed repeat '{name}' (the first seed's run is '{base}'; repeats: {repeats})")
+        return dataclasses.replace(method, seed=int(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +487,10 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         raise UserError(f"{where}.micro_batch_tokens must be at least 1 (or left out), got {method.micro_batch_tokens}")
     if method.seed < 0:
         raise UserError(f"{where}.seed must not be negative, got {method.seed}")
+    if any(seed < 0 for seed in method.seeds) or len(set(method.seeds)) != len(method.seeds):
+        raise UserError(f"{where}.seeds must be different non-negative integers, got {method.seeds}")
+    if method.seeds:
+        method.seed = method.seeds[0]  # the plain run is the first seed's
     if not method.lora.target_modules:
         raise UserError(f"{where}.lora.target_modules: name at least one module, e.g. q_proj")
     if not method.galore.targets:
@@ -633,7 +649,21 @@ def dump_config(config: StudyConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
 
 
+def method_seeds(method: MethodConfig) -> list[int]:
+    """The training seeds of a method: `seeds`, else its one `seed`."""
+    return list(method.seeds) or [method.seed]
+
+
+def seed_runs(config: StudyConfig, name: str) -> list[str]:
+    """The runs of model `name`: itself (a method's first seed) then `<name>@<seed>` for each further
+    seed of `train.seeds`; base and the ensemble are one run."""
+    if name not in config.methods:
+        return [name]
+    return [name, *(f"{name}@{seed}" for seed in method_seeds(config.methods[name])[1:])]
+
+
 def evaluated_models(config: StudyConfig) -> list[str]:
+    """The models a study evaluates (each method by its plain name; `seed_runs` gives its repeats)."""
     if config.evaluate.models:
         return list(config.evaluate.models)
     models = ["base", *config.methods]

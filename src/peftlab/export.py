@@ -23,6 +23,8 @@ from peftlab.rundir import atomic_dir, read_json, read_run_config
 # Tokenizer files in a trained full model's final/: written afresh from the study's tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "added_tokens.json")
+# Scores the card shows when the evaluation has them.
+_CARD_METRICS = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L", "exact_match_norm": "exact match (normalised)"}
 # JSON keys in which transformers records where a model or tokenizer was loaded from.
 _PATH_KEYS = ("_name_or_path", "name_or_path", "base_model_name_or_path")
 
@@ -46,6 +48,8 @@ def export_model(run_dir: Path, name: str, out: Path) -> Path:
         leaked = _files_naming(folder, forbidden)
         if leaked:
             raise UserError(f"export {name}: {', '.join(leaked)} would name a local path; nothing was written")
+        for item in folder.iterdir():  # some writers create private (0600) files: a shared model is readable
+            item.chmod(0o644)
     say(f"wrote {out} ({human_bytes(disk_usage(out))}): load it with"
         f" AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out
@@ -210,26 +214,33 @@ def model_card(config: StudyConfig, run_dir: Path, name: str, training: dict[str
                else "all weights")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {config.name}: {name}", "",
-             f"Fine-tuned from {base_text} with **{name}** ({method.kind}) by"
+             f"Fine-tuned from {base_text} with **{name}**{'' if name == method.kind else f' ({method.kind})'} by"
              f" peftlab, in a study comparing"
              f" {', '.join(config.methods)}. Saved: {weights}, in {training.get('dtype')}.", ""]
     lines += ["## Results on the study's test split", ""]
     if evaluated is None:
         lines += [f"Not evaluated in this run (`peftlab evaluate --model {name}` scores it).", ""]
     else:
-        lines += ["Scores are fractions in [0, 1]; 95% bootstrap intervals in brackets.", "",
-                  "| model | BLEU-4 | ROUGE-L |", "|---|---|---|",
-                  f"| {name} | {_score(evaluated, 'bleu4')} | {_score(evaluated, 'rougeL')} |"]
+        metrics = [m for m in _CARD_METRICS if evaluated.get(m) is not None]
+        labels = " | ".join(_CARD_METRICS[m] for m in metrics)
+
+        def cells(block: dict[str, Any]) -> str:
+            return " | ".join(_score(block, m) for m in metrics)
+
+        lines += ["Scores are fractions in [0, 1]; 95% bootstrap intervals in brackets"
+                  + ("; exact match after normalising case, punctuation, articles and spaces."
+                     if "exact_match_norm" in metrics else "."), "",
+                  f"| model | {labels} |", "|---" * (len(metrics) + 1) + "|", f"| {name} | {cells(evaluated)} |"]
         if base_eval is not None and base_eval.get("n") == evaluated.get("n"):
-            lines.append(f"| base (before fine-tuning) | {_score(base_eval, 'bleu4')} | {_score(base_eval, 'rougeL')} |")
+            lines.append(f"| base (before fine-tuning) | {cells(base_eval)} |")
+        lines += _seed_spread(config, run_dir, name, metrics)
         generation = evaluated.get("generation") or {}
         lines += ["", f"{evaluated.get('n')} test rows, greedy decoding, at most"
                   f" {generation.get('max_new_tokens', config.evaluate.max_new_tokens)} new tokens.", ""]
         per_source = evaluated.get("per_source") or {}
         if per_source:
-            lines += ["| source | rows | BLEU-4 | ROUGE-L |", "|---|---|---|---|"]
-            lines += [f"| {source} | {block.get('n')} | {_score(block, 'bleu4')} | {_score(block, 'rougeL')} |"
-                      for source, block in per_source.items()]
+            lines += [f"| source | rows | {labels} |", "|---" * (len(metrics) + 2) + "|"]
+            lines += [f"| {source} | {block.get('n')} | {cells(block)} |" for source, block in per_source.items()]
             lines.append("")
     lines += ["## Training", "", "| | |", "|---|---|"]
     seconds = training.get("train_time_s")
@@ -267,6 +278,22 @@ def model_card(config: StudyConfig, run_dir: Path, name: str, training: dict[str
     if shown:
         lines += [f"Trained with {shown}.", ""]
     return "\n".join(lines)
+
+
+def _seed_spread(config: StudyConfig, run_dir: Path, name: str, metrics: list[str]) -> list[str]:
+    """A line with the method's mean and SD over its training seeds (results.json), when it has several."""
+    results_path = run_dir / "results.json"
+    method_name = name.partition("@")[0]
+    if not results_path.is_file():
+        return []
+    entry = (read_json(results_path).get("models") or {}).get(method_name) or {}
+    seeds = entry.get("seeds")
+    if not isinstance(seeds, dict) or len(seeds) < 2:
+        return []
+    spread = ", ".join(f"{_CARD_METRICS[m]} {entry[m]:.4f} ± {entry[f'{m}_sd']:.4f}" for m in metrics
+                       if entry.get(m) is not None and entry.get(f"{m}_sd") is not None)
+    return ["", f"This folder holds the seed {config.method(name).seed} run of {method_name}. Over the study's"
+            f" {len(seeds)} training seeds ({', '.join(seeds)}), mean ± SD: {spread}."]
 
 
 def _method_settings(method) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
                 metrics = read_json(stage_out / "metrics.json")
             source, adapters = str(stage_out / "final"), None
         else:
-            method = stage_method(config, stage.method, stage.epochs, stage.max_steps)
+            method = stage_method(config, stage.method, stage.epochs, stage.max_steps, seed=hybrid.seed)
             has_checkpoint = any((stage_out / "checkpoints").glob("checkpoint-*"))
             metrics = read_json(stage_out / "metrics.json") if done else train_method(
                 config, run_dir, f"{name}/{stage.method}", method=method, out=stage_out, source=source,
@@ -160,10 +160,11 @@ def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> 
 
 
 def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | None,
-                 max_steps: int | None) -> MethodConfig:
-    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps."""
+                 max_steps: int | None, *, seed: int | None = None) -> MethodConfig:
+    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps, and the
+    hybrid run's training seed (each seed repeat of a hybrid repeats all its stages)."""
     base = config.method(stage_method_name)
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {} if seed is None else {"seed": seed}
     if epochs is not None:
         changes["epochs"] = epochs
         changes["max_steps"] = -1  # the stage's epochs win over the method's own step cap

@@ -62,10 +62,10 @@ def run_train(config: StudyConfig, run_dir: Path, method: str, *, resume: bool =
 
 
 def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int | None = None) -> dict:
-    from peftlab.config import evaluated_models
+    from peftlab.config import evaluated_models, seed_runs
     from peftlab.evaluate.runner import evaluate_model
 
-    known = {"base", *config.methods, *evaluated_models(config)}
+    known = {run for name in ("base", *config.methods, *evaluated_models(config)) for run in seed_runs(config, name)}
     if model not in known:
         raise UserError(f"--model {model}: not base, a configured method or ensemble (known: {', '.join(sorted(known))})")
     if not (run_dir / "data" / "test.jsonl").exists():
@@ -107,13 +107,15 @@ def check_run_dir_config(config: StudyConfig, run_dir: Path) -> None:
 
 def run_study(config: StudyConfig, run_dir: Path) -> dict:
     """prepare -> train every method -> evaluate every model -> results.json -> report; skips finished stages."""
-    from peftlab.config import evaluated_models
+    from peftlab.config import evaluated_models, seed_runs
     from peftlab.results import collect_results
     from peftlab.rundir import write_provenance
 
     check_run_dir_config(config, run_dir)
     models = evaluated_models(config)
-    stages = ["prepare", *[f"train {m}" for m in config.methods], *[f"evaluate {m}" for m in models], "report"]
+    trained = [run for method in config.methods for run in seed_runs(config, method)]
+    evaluated = [run for model in models for run in seed_runs(config, model)]
+    stages = ["prepare", *[f"train {m}" for m in trained], *[f"evaluate {m}" for m in evaluated], "report"]
     step = iter(range(1, len(stages) + 1))
     started = time.perf_counter()
 
@@ -126,14 +128,14 @@ def run_study(config: StudyConfig, run_dir: Path) -> dict:
     if not done:
         run_prepare(config, run_dir)
     write_provenance(run_dir, config)
-    for method in config.methods:
+    for method in trained:
         train_dir = run_dir / "train" / method
         done = (train_dir / "metrics.json").exists()
         header(f"train {method}", done)
         if not done:
             resume = any((train_dir / "checkpoints").glob("checkpoint-*")) or (train_dir / "stages").exists()
             run_train(config, run_dir, method, resume=resume)
-    for model in models:
+    for model in evaluated:
         done = (run_dir / "eval" / model / "metrics.json").exists()
         header(f"evaluate {model}", done)
         if not done:
