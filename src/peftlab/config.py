@@ -562,9 +562,11 @@ def _validate_optimizer(name: str, where: str) -> None:
 
 
 def _validate_report_to(value: list[str] | str, where: str) -> None:
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
     names = [value] if isinstance(value, str) else value
+    if not names:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK  # seconds: only when set
+
     known = [*INTEGRATION_TO_CALLBACK, "all", "none"]
     for name in names:
         if name not in known:

@@ -119,6 +119,8 @@ def _scrub_paths(folder: Path) -> None:
     """Where transformers recorded the load path (`_name_or_path`, ...), a local path is blanked: a hub id
     stays (it names the base model), a path would point into the run directory or a cache."""
     for path in folder.glob("*.json"):
+        if path.name == "tokenizer.json":  # the vocabulary (33 MB for Gemma): no load path in it
+            continue
         data = json.loads(path.read_text(encoding="utf-8"))
         if _scrub(data):
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
