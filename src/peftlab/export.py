@@ -263,7 +263,7 @@ def model_card(config: StudyConfig, run_dir: Path, name: str, training: dict[str
             lines.append(f"| {label} | {value:.4f} |" if isinstance(value, float) else f"| {label} | {value:,} |"
                          if isinstance(value, int) else f"| {label} | {value} |")
     lines += ["", "Method settings (the study's config):", "", "```yaml",
-              yaml.safe_dump({name: _method_settings(method)}, sort_keys=False).strip(), "```", ""]
+              yaml.safe_dump(_settings(config, name), sort_keys=False).strip(), "```", ""]
     lines += ["Data: " + ", ".join(f"{s.name} ({s.format})" for s in config.data.sources)
               + f"; {config.data.train_per_source} training rows per source, sequences of at most"
               f" {config.data.max_seq_length} tokens.", ""]
@@ -298,18 +298,29 @@ def _seed_spread(config: StudyConfig, run_dir: Path, name: str, metrics: list[st
             f" {len(seeds)} training seeds ({', '.join(seeds)}), mean ± SD: {spread}."]
 
 
+def _settings(config: StudyConfig, name: str) -> dict[str, Any]:
+    """The settings that shaped this model's training: the method's, or for a hybrid its stages and
+    the recipe each stage trained with."""
+    from peftlab.hybrid import stage_method
+
+    method = config.method(name)
+    if method.kind != "hybrid":
+        return {name: _method_settings(method)}
+    settings: dict[str, Any] = {name: {"kind": "hybrid", "seed": method.seed,
+                                       "stages": [asdict(stage) for stage in method.stages]}}
+    for index, stage in enumerate(method.stages):
+        if stage.method != "merge":
+            recipe = stage_method(config, stage.method, stage.epochs, stage.max_steps, seed=method.seed)
+            settings[f"stage {index} ({stage.method})"] = _method_settings(recipe)
+    return settings
+
+
 def _method_settings(method) -> dict[str, Any]:
-    """The settings that shaped this method's training (other kinds' sections left out)."""
-    settings = asdict(method)
-    drop = {"lora", "quant", "galore", "stages"}
+    """One method's settings (other kinds' sections and bookkeeping keys left out)."""
+    drop = {"lora", "quant", "galore", "stages", "seeds", "keep_checkpoints", "report_to", "save_steps",
+            "save_total_limit", "logging_steps"}
     if method.kind in ("qlora", "lora"):
         drop -= {"lora"} | ({"quant"} if method.kind == "qlora" else set())
-    elif method.kind == "galore":
-        drop -= {"galore"}
-    elif method.kind == "hybrid":
-        drop -= {"stages"}
-        for key in ("epochs", "lr", "max_steps", "warmup_steps", "scheduler"):
-            drop.add(key)  # each stage uses its own method's recipe
-    for key in ("keep_checkpoints", "report_to", "save_steps", "save_total_limit", "logging_steps"):
-        drop.add(key)
-    return {k: v for k, v in settings.items() if k not in drop}
+    elif method.kind in ("galore", "full"):
+        drop -= {"galore"} if method.kind == "galore" else set()
+    return {k: v for k, v in asdict(method).items() if k not in drop}
