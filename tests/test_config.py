@@ -155,3 +155,38 @@ def test_compile_and_liger_are_not_combined():
     with pytest.raises(UserError, match=r"methods\.qlora\.torch_compile: not with model\.liger_kernel"):
         load_config("smoke", ["methods.qlora.torch_compile=true", "model.liger_kernel=true"])
     assert load_config("smoke", ["methods.qlora.torch_compile=true"]).method("qlora").torch_compile is True
+
+
+def test_seed_repeats_name_one_run_per_further_seed():
+    from peftlab.config import evaluated_models, method_seeds, seed_runs
+    from peftlab.hybrid import stage_method
+
+    config = load_config("smoke", ["train.seeds=[7, 8, 9]"])
+    qlora = config.method("qlora")
+    assert method_seeds(qlora) == [7, 8, 9] and qlora.seed == 7  # the first seed is the plain run's
+    assert seed_runs(config, "qlora") == ["qlora", "qlora@8", "qlora@9"]
+    assert seed_runs(config, "base") == ["base"] and seed_runs(config, "ensemble") == ["ensemble"]
+    assert evaluated_models(config) == ["base", "qlora", "galore", "hybrid", "ensemble"]  # results.json's names
+    assert config.method("qlora@9").seed == 9 and config.method("qlora@9").lora == qlora.lora
+    assert config.method("hybrid@8").seed == 8
+    assert stage_method(config, "galore", None, 2, seed=8).seed == 8  # a repeat's stages train with its seed
+    for name, message in (("qlora@7", "the first seed's run is 'qlora'"), ("qlora@5", "repeats: qlora@8, qlora@9"),
+                          ("qlora@x", "unknown seed repeat"), ("dora@8", "unknown method 'dora'")):
+        with pytest.raises(UserError, match=message):
+            config.method(name)
+    one = load_config("smoke")
+    assert seed_runs(one, "qlora") == ["qlora"] and one.method("qlora").seed == 42
+    with pytest.raises(UserError, match="repeats: none"):
+        one.method("qlora@43")
+    for bad in ("[1, 1]", "[-1]"):
+        with pytest.raises(UserError, match="seeds must be different non-negative integers"):
+            load_config("smoke", [f"train.seeds={bad}"])
+
+
+def test_a_string_or_a_list_for_report_to_and_the_first_type_that_fits():
+    assert load_config("smoke", ["train.report_to=tensorboard"]).method("qlora").report_to == "tensorboard"
+    assert load_config("smoke", ["train.report_to=[tensorboard, wandb]"]).method("qlora").report_to == [
+        "tensorboard", "wandb"]
+    assert load_config("smoke").method("qlora").report_to == []
+    with pytest.raises(UserError, match="report_to"):
+        load_config("smoke", ["train.report_to={a: 1}"])

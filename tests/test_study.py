@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import warnings
 
 import pytest
 
@@ -10,10 +13,19 @@ from peftlab.cli import main
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, gemma_tokenizer):
+def study_run(tmp_path_factory, gemma_tokenizer):
+    """The smoke study, with what it printed on stderr and the warnings it raised."""
     out = tmp_path_factory.mktemp("study") / "smoke"
-    assert main(["study", "smoke", "--out", str(out)]) == 0
-    return out
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["study", "smoke", "--out", str(out)]) == 0
+    return out, console.getvalue(), caught
+
+
+@pytest.fixture(scope="module")
+def study(study_run):
+    return study_run[0]
 
 
 def test_every_file_is_written(study):
@@ -72,3 +84,61 @@ def test_rerun_skips_finished_stages(study, capsys):
 def test_a_different_config_is_refused(study, capsys):
     assert main(["study", "smoke", "--out", str(study), "--set", "data.seed=1"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_the_console_shows_our_bars_a_summary_and_no_library_noise(study_run):
+    out, err, caught = study_run
+    for noise in ("Loading weights", "Writing model shards", "{'loss'", "{'train_runtime'", "Traceback"):
+        assert noise not in err, noise
+    assert "  train qlora: 6/6 steps  loss " in err and "  train galore: " in err
+    assert "[10/10] report" in err
+    summary = err[err.index("\nmodel "):]
+    for model in ("base", "qlora", "galore", "hybrid", "ensemble"):
+        assert f"\n{model} " in summary
+    assert f"report: {out / 'report.html'}" in summary and "MiB on disk" in summary
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    assert deprecations == []
+
+
+def test_no_checkpoint_is_left_after_a_study(study):
+    assert not list(study.rglob("checkpoint-*"))
+    assert all((study / "train" / m / "final").is_dir() for m in ("qlora", "galore", "hybrid"))
+
+
+def test_seed_repeats_train_and_evaluate_each_seed_and_results_aggregate_them(tmp_path, gemma_tokenizer):
+    """`train.seeds`: one run per (method, seed), the first seed under the plain name; results.json holds
+    each seed's scores under "seeds" and their mean and SD; the report lists the method once."""
+    import yaml
+
+    from peftlab.config import BUILTIN_CONFIG_DIR
+
+    raw = yaml.safe_load((BUILTIN_CONFIG_DIR / "smoke.yaml").read_text())
+    raw["name"] = "seeds"
+    raw["train"].update(seeds=[42, 43], max_steps=1)
+    raw["methods"] = {"qlora": raw["methods"]["qlora"]}
+    raw["evaluate"].update(limit=2, ensemble={})
+    config = tmp_path / "seeds.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["study", str(config), "--out", str(out)]) == 0
+    for run in ("qlora", "qlora@43"):
+        assert (out / "train" / run / "final" / "adapter_model.safetensors").exists()
+        assert (out / "eval" / run / "predictions.jsonl").exists()
+    seeds = [json.loads((out / "train" / run / "metrics.json").read_text())["method_config"]["seed"]
+             for run in ("qlora", "qlora@43")]
+    assert seeds == [42, 43]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(out / "train" / run / "final" / "adapter_model.safetensors") for run in ("qlora", "qlora@43"))
+    assert any(not (first[k] == second[k]).all() for k in first)  # another seed, other adapters
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"base", "qlora"}
+    qlora = results["models"]["qlora"]
+    assert set(qlora["seeds"]) == {"42", "43"} and qlora["n_seeds"] == 2
+    per_seed = [json.loads((out / "eval" / run / "metrics.json").read_text())["rougeL"] for run in ("qlora", "qlora@43")]
+    assert qlora["rougeL"] == pytest.approx(sum(per_seed) / 2) and "rougeL_sd" in qlora
+    assert set(results["training"]["qlora"]["seeds"]) == {"42", "43"}
+    report = (out / "report.md").read_text()
+    assert "qlora@43" not in report
+    assert main(["train", str(config), "--method", "qlora@44", "--out", str(out)]) == 2  # not a configured seed

@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write report.md, report.html and plots for a run directory")
     report.add_argument("run_dir", type=Path)
 
+    export = commands.add_parser("export", help="write a trained model as a standalone Hugging Face folder"
+                                 " (merged weights, tokenizer, model card)")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--model", required=True, help="a trained method of the run")
+    export.add_argument("--out", type=Path, required=True, help="a new folder (refused if it exists and is not empty)")
+
+    chat = commands.add_parser("chat", help="try a model of a run: one --prompt, or a conversation on stdin")
+    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("--model", required=True, help="base or a trained method of the run")
+    chat.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: read turns from"
+                      " stdin until EOF, an empty line or 'exit')")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help="at most this many new tokens per answer (default: the run's evaluate.max_new_tokens)")
+
     study = commands.add_parser("study", help="prepare -> train -> evaluate -> report, skipping finished stages")
     _add_config(study, optional=True)
 
@@ -177,6 +191,14 @@ def run_command(args: argparse.Namespace) -> int:
         from peftlab.workflow import run_report
 
         run_report(args.run_dir)
+    elif args.command == "export":
+        from peftlab.export import export_model
+
+        export_model(args.run_dir, args.model, args.out)
+    elif args.command == "chat":
+        from peftlab.chat import run_chat
+
+        run_chat(args.run_dir, args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
     elif args.command == "study":
         from peftlab.workflow import run_study
 
@@ -320,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on every CPU import that an optional kernel hub package is missing.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    import contextlib
+
+    from peftlab.console import quiet_libraries
+
+    # Importing transformers takes seconds: only commands that load models pay for quieting it.
+    loads_models = args.command not in ("score", "report", "demo-data")
     try:
-        return run_command(args)
+        with quiet_libraries() if loads_models else contextlib.nullcontext():
+            return run_command(args)
     except UserError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return 2

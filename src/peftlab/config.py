@@ -138,7 +138,10 @@ class MethodConfig:
     gradient_checkpointing: bool = True
     loss_on: Literal["assistant", "all"] = "assistant"
     seed: int = 42
-    # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU, adamw_torch otherwise.
+    # Seed repeats: train the method once per seed. The first seed's run keeps the method's name (and
+    # replaces `seed`); each further seed S trains as `<method>@S` (train/<method>@S/, eval/<method>@S/).
+    seeds: list[int] = field(default_factory=list)
+    # Any transformers `optim` name; `auto` = paged_adamw_8bit for qlora on GPU (adamw_8bit on CPU), adamw_torch otherwise.
     optimizer: str = "auto"
     # Batches of similar-length rows (less padding); `random` keeps the study's plain shuffle.
     sampling: Literal["random", "group_by_length", "sequential"] = "random"
@@ -153,6 +156,10 @@ class MethodConfig:
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
+    # Checkpoints exist to resume an interrupted run: removed once final/ is written unless this is true.
+    keep_checkpoints: bool = False
+    # transformers' experiment trackers (TrainingArguments.report_to): tensorboard, wandb, ...; none by default.
+    report_to: list[str] | str = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
     galore: GaloreSettings = field(default_factory=GaloreSettings)
@@ -212,10 +219,19 @@ class StudyConfig:
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def method(self, name: str) -> MethodConfig:
-        if name not in self.methods:
+        """The method `name`, or for a seed repeat `<method>@<seed>` that method with that seed."""
+        base, at, seed = name.partition("@")
+        if base not in self.methods:
             known = ", ".join(self.methods) or "none"
-            raise UserError(f"unknown method '{name}' (configured methods: {known})")
-        return self.methods[name]
+            raise UserError(f"unknown method '{base}' (configured methods: {known})")
+        method = self.methods[base]
+        if not at:
+            return method
+        extra = method_seeds(method)[1:]
+        if not seed.isdigit() or int(seed) not in extra:
+            repeats = ", ".join(f"{base}@{s}" for s in extra) or "none: train.seeds has one seed"
+            raise UserError(f"unknown seed repeat '{name}' (the first seed's run is '{base}'; repeats: {repeats})")
+        return dataclasses.replace(method, seed=int(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +378,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path)
+        for option in inner[:-1]:  # the first type the value converts to (`list[str] | str`)
+            try:
+                return _convert(option, value, path)
+            except UserError:
+                continue
+        return _convert(inner[-1], value, path)
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -482,6 +503,10 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
         raise UserError(f"{where}.micro_batch_tokens must be at least 1 (or left out), got {method.micro_batch_tokens}")
     if method.seed < 0:
         raise UserError(f"{where}.seed must not be negative, got {method.seed}")
+    if any(seed < 0 for seed in method.seeds) or len(set(method.seeds)) != len(method.seeds):
+        raise UserError(f"{where}.seeds must be different non-negative integers, got {method.seeds}")
+    if method.seeds:
+        method.seed = method.seeds[0]  # the plain run is the first seed's
     if not method.lora.target_modules:
         raise UserError(f"{where}.lora.target_modules: name at least one module, e.g. q_proj")
     if not method.galore.targets:
@@ -493,6 +518,7 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     if method.kind == "galore" and method.galore.variant == "layerwise" and method.grad_accum != 1:
         raise UserError(f"{where}.grad_accum: galore.variant layerwise updates inside backward; set grad_accum: 1")
     _validate_optimizer(method.optimizer, f"{where}.optimizer")
+    _validate_report_to(method.report_to, f"{where}.report_to")
     if method.lr <= 0:
         raise UserError(f"{where}.lr must be positive, got {method.lr}")
     if method.epochs <= 0 and method.max_steps <= 0:
@@ -549,6 +575,20 @@ def _validate_optimizer(name: str, where: str) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else " (auto, or a transformers optim name: adamw_torch, ...)"
         raise UserError(f"{where}: unknown optimizer '{name}'{hint}")
+
+
+def _validate_report_to(value: list[str] | str, where: str) -> None:
+    names = [value] if isinstance(value, str) else value
+    if not names:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK  # seconds: only when set
+
+    known = [*INTEGRATION_TO_CALLBACK, "all", "none"]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+            raise UserError(f"{where}: unknown integration '{name}'{hint}")
 
 
 def _validate_stages(config: StudyConfig, name: str, method: MethodConfig, where: str) -> None:
@@ -627,7 +667,21 @@ def dump_config(config: StudyConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
 
 
+def method_seeds(method: MethodConfig) -> list[int]:
+    """The training seeds of a method: `seeds`, else its one `seed`."""
+    return list(method.seeds) or [method.seed]
+
+
+def seed_runs(config: StudyConfig, name: str) -> list[str]:
+    """The runs of model `name`: itself (a method's first seed) then `<name>@<seed>` for each further
+    seed of `train.seeds`; base and the ensemble are one run."""
+    if name not in config.methods:
+        return [name]
+    return [name, *(f"{name}@{seed}" for seed in method_seeds(config.methods[name])[1:])]
+
+
 def evaluated_models(config: StudyConfig) -> list[str]:
+    """The models a study evaluates (each method by its plain name; `seed_runs` gives its repeats)."""
     if config.evaluate.models:
         return list(config.evaluate.models)
     models = ["base", *config.methods]

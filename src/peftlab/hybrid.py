@@ -25,15 +25,21 @@ from peftlab.train.meter import measure, release_memory
 from peftlab.train.runner import train_method
 
 
-def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
-    """Load the unquantised base in the training dtype, apply the adapters, merge, save full weights."""
+def merged_model(config: StudyConfig, adapter_dir: Path, base_source: str | None, *, device: str, dtype):
+    """The unquantised base (`base_source`, or what `model:` names) loaded fresh in `dtype`, with the
+    adapters of `adapter_dir` merged into its weights: one plain transformers model."""
     from peft import PeftModel
 
+    base = load_model(config.model, device=device, dtype=dtype, source=base_source)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_source: str | None) -> dict[str, Any]:
+    """Load the unquantised base in the training dtype, apply the adapters, merge, save full weights."""
     device = device_name()
     dtype = resolve_dtype(config.model, device)
     with measure() as meter:
-        base = load_model(config.model, device=device, dtype=dtype, source=base_source)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged = merged_model(config, adapter_dir, base_source, device=device, dtype=dtype)
         with atomic_dir(out / "final") as final:
             merged.save_pretrained(final, safe_serialization=True)
             load_tokenizer(config.model).save_pretrained(final)
@@ -46,7 +52,7 @@ def merge_adapters(config: StudyConfig, adapter_dir: Path, out: Path, base_sourc
         "peak_rss_gib": meter.peak_rss_gib,
     }
     write_json(out / "metrics.json", metrics)
-    del base, merged
+    del merged
     release_memory()
     return metrics
 
@@ -88,7 +94,7 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
                 metrics = read_json(stage_out / "metrics.json")
             source, adapters = str(stage_out / "final"), None
         else:
-            method = stage_method(config, stage.method, stage.epochs, stage.max_steps)
+            method = stage_method(config, stage.method, stage.epochs, stage.max_steps, seed=hybrid.seed)
             has_checkpoint = any((stage_out / "checkpoints").glob("checkpoint-*"))
             metrics = read_json(stage_out / "metrics.json") if done else train_method(
                 config, run_dir, f"{name}/{stage.method}", method=method, out=stage_out, source=source,
@@ -165,10 +171,11 @@ def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> 
 
 
 def stage_method(config: StudyConfig, stage_method_name: str, epochs: float | None,
-                 max_steps: int | None) -> MethodConfig:
-    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps."""
+                 max_steps: int | None, *, seed: int | None = None) -> MethodConfig:
+    """A hybrid stage's config: the named method's recipe with the stage's epochs/steps, and the
+    hybrid run's training seed (each seed repeat of a hybrid repeats all its stages)."""
     base = config.method(stage_method_name)
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {} if seed is None else {"seed": seed}
     if epochs is not None:
         changes["epochs"] = epochs
         changes["max_steps"] = -1  # the stage's epochs win over the method's own step cap

@@ -51,9 +51,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftlab.config import StudyConfig, config_from_dict, config_to_dict, evaluated_models
+from peftlab.config import StudyConfig, config_to_dict, evaluated_models, method_seeds, seed_runs
 from peftlab.errors import UserError
 from peftlab.evaluate.metrics import (
     EXACT_TYPES,
@@ -64,7 +62,7 @@ from peftlab.evaluate.metrics import (
     score_rows,
     summarize_table,
 )
-from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, write_json
+from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, read_run_config, write_json
 
 SCHEMA = 2
 ALPHA = 0.05
@@ -175,16 +173,17 @@ def collect_results(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
                      " (and no exact match if the evaluation predates it) for these")
     training = {}
     for method in config.methods:
-        path = run_dir / "train" / method / "metrics.json"
-        if path.exists():
-            train_metrics = read_json(path)
-            training[method] = {k: train_metrics.get(k) for k in TRAINING_KEYS}
+        per_seed = {seed: _training_entry(read_json(path)) for seed, run in _seeds_of(config, method)
+                    if (path := run_dir / "train" / run / "metrics.json").exists()}
+        if per_seed:
+            training[method] = aggregate_seeds(per_seed)
     comparisons = compare_models(models, rows, scores, metrics, samples)
     versions, machine = _environment(run_dir)
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "metrics": metrics,
-        "models": {m: _model_entry(evals[m], rows.get(m), scores.get(m), samples) for m in models},
+        "models": {m: _over_seeds(config, run_dir, m, _model_entry(evals[m], rows.get(m), scores.get(m), samples),
+                                  samples, notes) for m in models},
         "comparisons": comparisons,
         "multiple_comparisons": _holm_note(comparisons),
         "training": training,
@@ -200,25 +199,54 @@ def collect_results(config: StudyConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
+def _training_entry(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in TRAINING_KEYS}
+
+
+def _seeds_of(config: StudyConfig, name: str) -> list[tuple[str, str]]:
+    """(seed, run name) of each training run of `name`; one for base and the ensemble."""
+    runs = seed_runs(config, name)
+    if len(runs) == 1:
+        return [("", name)]
+    return list(zip((str(seed) for seed in method_seeds(config.methods[name])), runs, strict=True))
+
+
+def _over_seeds(config: StudyConfig, run_dir: Path, name: str, first: dict[str, Any], samples: int,
+                notes: list[str]) -> dict[str, Any]:
+    """MODEL of `name` over its training seeds (`aggregate_seeds`); `first` is its first seed's entry.
+    Repeats not evaluated yet are left out, and said so in the notes."""
+    seeds = _seeds_of(config, name)
+    if len(seeds) == 1:
+        return first
+    per_seed = {seeds[0][0]: first}
+    missing = []
+    for seed, run in seeds[1:]:
+        path = run_dir / "eval" / run / "metrics.json"
+        if not path.is_file():
+            missing.append(run)
+            continue
+        rows = _predictions(run_dir, run)
+        per_seed[seed] = _model_entry(read_json(path), rows, _row_scores(rows) if rows else None, samples)
+    if missing:
+        notes.append(f"{name}: {', '.join(missing)} not evaluated: its mean and SD cover {len(per_seed)} of"
+                     f" {len(seeds)} seeds")
+    if len({entry.get("n") for entry in per_seed.values()}) > 1:
+        notes.append(f"{name}: its seeds were evaluated on different numbers of rows (--limit)")
+    return aggregate_seeds(per_seed)
+
+
 def _holm_note(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     return {"method": "holm", "family": "per metric", "alpha": ALPHA, "tests": _family_sizes(comparisons)}
 
 
 def load_run_config(run_dir: Path) -> StudyConfig:
     """The study config a run directory was made with (its config.resolved.yaml)."""
-    path = run_dir / "config.resolved.yaml"
-    if not path.is_file():
+    if not (run_dir / "config.resolved.yaml").is_file():
         raise UserError(
             f"{run_dir}: no results.json and no config.resolved.yaml to rebuild it from; run"
             f" `peftlab study CONFIG --out {run_dir}`, or `peftlab prepare`, `train` and `evaluate` with --out {run_dir}"
         )
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config sections")
-    return config_from_dict(raw, source=str(path))
+    return read_run_config(run_dir)
 
 
 def ensure_results(run_dir: Path) -> str | None:

@@ -160,6 +160,26 @@ def git_dirty() -> bool | None:
     return bool(out.strip()) if out is not None else None
 
 
+def read_run_config(run_dir: Path) -> StudyConfig:
+    """The study config a run directory was made with (its config.resolved.yaml)."""
+    import yaml
+
+    from peftlab.config import config_from_dict
+    from peftlab.errors import UserError
+
+    path = run_dir / "config.resolved.yaml"
+    if not path.is_file():
+        what = "no such run directory" if not run_dir.is_dir() else "no config.resolved.yaml (not a peftlab run?)"
+        raise UserError(f"{run_dir}: {what}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config sections")
+    return config_from_dict(raw, source=str(path))
+
+
 def write_provenance(run_dir: Path, config: StudyConfig, data_hashes: dict[str, str] | None = None) -> None:
     """config.resolved.yaml and env.json at the top of the run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -82,11 +82,11 @@ def run_evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int |
 
 
 def _evaluate(config: StudyConfig, run_dir: Path, model: str, *, limit: int | None) -> dict:
-    from peftlab.config import evaluated_models
+    from peftlab.config import evaluated_models, seed_runs
     from peftlab.evaluate.runner import evaluate_model
     from peftlab.fingerprints import check_fingerprint, prepare_sections, train_sections
 
-    known = {"base", *config.methods, *evaluated_models(config)}
+    known = {run for name in ("base", *config.methods, *evaluated_models(config)) for run in seed_runs(config, name)}
     if model not in known:
         raise UserError(f"--model {model}: not base, a configured method or ensemble (known: {', '.join(sorted(known))})")
     if not (run_dir / "data" / "test.jsonl").exists():
@@ -128,13 +128,15 @@ def run_study(config: StudyConfig, run_dir: Path) -> dict:
 
 
 def _study(config: StudyConfig, run_dir: Path) -> dict:
-    from peftlab.config import evaluated_models
+    from peftlab.config import evaluated_models, seed_runs
     from peftlab.fingerprints import check_fingerprint, evaluate_sections, prepare_sections, train_sections
     from peftlab.results import collect_results
     from peftlab.rundir import final_complete, write_provenance
 
     models = evaluated_models(config)
-    stages = ["prepare", *[f"train {m}" for m in config.methods], *[f"evaluate {m}" for m in models], "report"]
+    trained = [run for method in config.methods for run in seed_runs(config, method)]
+    evaluated = [run for model in models for run in seed_runs(config, model)]
+    stages = ["prepare", *[f"train {m}" for m in trained], *[f"evaluate {m}" for m in evaluated], "report"]
     step = iter(range(1, len(stages) + 1))
     started = time.perf_counter()
 
@@ -149,7 +151,7 @@ def _study(config: StudyConfig, run_dir: Path) -> dict:
     if not done:
         run_prepare(config, run_dir)
     write_provenance(run_dir, config)
-    for method in config.methods:
+    for method in trained:
         train_dir = run_dir / "train" / method
         done = (train_dir / "metrics.json").exists() and final_complete(train_dir / "final")
         if done:
@@ -158,7 +160,7 @@ def _study(config: StudyConfig, run_dir: Path) -> dict:
         if not done:
             resume = any((train_dir / "checkpoints").glob("checkpoint-*")) or (train_dir / "stages").exists()
             run_train(config, run_dir, method, resume=resume)
-    for model in models:
+    for model in evaluated:
         done = (run_dir / "eval" / model / "metrics.json").exists()
         if done:
             check_fingerprint(run_dir / "eval" / model, evaluate_sections(config, model, config.evaluate.limit), "study")
@@ -168,4 +170,16 @@ def _study(config: StudyConfig, run_dir: Path) -> dict:
     header("report", False)
     results = collect_results(config, run_dir)
     run_report(run_dir)
+    say_summary(results, run_dir)
     return results
+
+
+def say_summary(results: dict, run_dir: Path) -> None:
+    """The end of a study: every model's numbers in one table, where the report is, the run's size."""
+    from peftlab.console import disk_usage, human_bytes, results_table
+
+    say("")
+    say(results_table(results))
+    say("")
+    say(f"report: {run_dir / 'report.html'} (and report.md)")
+    say(f"run directory: {run_dir}, {human_bytes(disk_usage(run_dir))} on disk")

@@ -99,6 +99,7 @@ def test_every_method_trains_and_accounts(smoke, tmp_path, kind):
         assert metrics["trainable_params"] == total
         assert (tmp_path / kind / "final" / "model.safetensors").exists()
     assert not list((tmp_path / kind / "final").glob("*.bin"))
+    assert not (tmp_path / kind / "checkpoints").exists()  # the Trainer saved step 3; removed after final/
     written = (tmp_path / kind / "metrics.json").read_text()
     for key in ("versions", "gpu_name", "final_loss", "loss_curve", "peak_rss_gib"):
         assert f'"{key}"' in written
@@ -115,12 +116,15 @@ def test_resume_gives_the_uninterrupted_loss_curve(smoke, tmp_path, kind, monkey
     config, run_dir = smoke
     base = "galore" if kind == "galore" else "qlora"
     method = _method(config, base, kind=kind, max_steps=6, save_steps=2)
-    whole = train_method(config, run_dir, kind, method=method, out=tmp_path / "whole")
+    whole = train_method(config, run_dir, kind, method=replace(method, keep_checkpoints=True), out=tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     with pytest.raises(KeyboardInterrupt):
         train_method(config, run_dir, kind, method=method, out=tmp_path / "cut", stop_after=2)
     assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()  # kept to resume
     resumed = train_method(config, run_dir, kind, method=method, out=tmp_path / "cut", resume=True)
     assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert not (tmp_path / "cut" / "checkpoints").exists()  # final/ is written: checkpoints removed
     ours = [p["loss"] for p in resumed["loss_curve"]]
     expected = [p["loss"] for p in whole["loss_curve"]]
     assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -92,5 +92,5 @@ def _reference_model(kind: str, path: str, method):
         rest = [p for n, p in model.named_parameters() if any(k in n for k in plain)]
         groups = [{"params": projected, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
                    "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
-        return model, (GaLoreAdamW(groups, lr=method.lr), None), "adamw_torch"
+        return model, (GaLoreAdamW(groups, lr=method.lr, no_deprecation_warning=True), None), "adamw_torch"
     raise UserError(f"no reference recipe for method '{kind}' (qlora, lora, galore)")

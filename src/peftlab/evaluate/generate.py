@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from peftlab.console import StageProgress
 from peftlab.data.chat import END, render_prompt
 from peftlab.errors import UserError
 
@@ -90,8 +90,10 @@ BatchDecoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[int]], pad_id: int,
                        stops: Sequence[int], batch_size: int, device, desc: str = "generate",
-                       max_batch_tokens: int | None = None, new_tokens: int = 0) -> list[list[int]]:
+                       max_batch_tokens: int | None = None, new_tokens: int = 0,
+                       show_progress: bool = True) -> list[list[int]]:
     """Run `decode_batch(ids, mask) -> new token ids` over length-sorted batches; tokens cut at a stop, in order.
+    `show_progress`: a bar of rows done, labelled `desc`.
 
     Out of GPU memory, the rest of the run decodes one batch at a time, then with half the rows per batch,
     down to one row (then a UserError); each step down is kept for the batches after it and said once,
@@ -106,7 +108,7 @@ def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[in
         pairs = [left_pad([encoded[i] for i in batch], pad_id, device) for batch in group]
         return decode_many(pairs) if decode_many is not None else [decode_batch(*pair) for pair in pairs]
 
-    with tqdm(total=len(encoded), desc=desc, unit="row", leave=False, disable=None) as progress:
+    with StageProgress(len(encoded), desc, "row", enabled=show_progress) as progress:
         while pending:
             group = pending[:limits.wave]
             outs = _or_none_when_out_of_memory(run, group)
@@ -121,7 +123,7 @@ def generate_token_ids(decode_batch: BatchDecoder, encoded: Sequence[Sequence[in
             for batch, out in zip(group, outs, strict=True):
                 for row, tokens in zip(batch, out.tolist(), strict=True):
                     results[row] = cut_at_stop(tokens, stops)
-                progress.update(len(batch))
+                progress.advance(len(batch))
     return results
 
 
@@ -168,12 +170,13 @@ def _at_most(batch: list[int], rows: int | None) -> list[list[int]]:
 
 def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
                  device, desc: str = "generate", max_batch_tokens: int | None = None,
-                 new_tokens: int = 0) -> list[tuple[str, int]]:
+                 new_tokens: int = 0, show_progress: bool = True) -> list[tuple[str, int]]:
     """Generate for every prompt; return (decoded text, generated token count) in the prompts' order."""
     if not prompts:  # a process of a sharded run can get no rows
         return []
     tokens = generate_token_ids(decode_batch, encode_prompts(tokenizer, prompts), tokenizer.pad_token_id,
-                                stop_token_ids(tokenizer), batch_size, device, desc, max_batch_tokens, new_tokens)
+                                stop_token_ids(tokenizer), batch_size, device, desc, max_batch_tokens, new_tokens,
+                                show_progress)
     return [(tokenizer.decode(t, skip_special_tokens=True).strip(), len(t)) for t in tokens]
 
 

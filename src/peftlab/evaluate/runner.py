@@ -82,7 +82,7 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     started = time.perf_counter()
     outputs = generate_all(decode, tokenizer, [examples[i].prompt for i in mine], config.evaluate.batch_size,
                            device, desc=desc, max_batch_tokens=config.evaluate.max_batch_tokens,
-                           new_tokens=config.evaluate.max_new_tokens)
+                           new_tokens=config.evaluate.max_new_tokens, show_progress=rank == 0)
     if device == "cuda":
         torch.cuda.synchronize()
     if world > 1:

@@ -52,8 +52,9 @@ def build(ctx: BuildContext) -> Recipe:
                        quantization_config=config)
     model = freeze_base(model, ctx.method.gradient_checkpointing)
     model = get_peft_model(model, lora_config(ctx.method.lora))
-    # bitsandbytes' optimizers cannot step FSDP's sharded (DTensor) parameters.
-    auto = "adamw_torch" if ctx.fsdp else "paged_adamw_8bit"
+    # bitsandbytes' optimizers cannot step FSDP's sharded (DTensor) parameters; it pages GPU memory only
+    # (on CPU its paged AdamW warns and runs as the plain 8-bit one).
+    auto = "adamw_torch" if ctx.fsdp else ("paged_adamw_8bit" if ctx.device == "cuda" else "adamw_8bit")
     optim = auto if ctx.method.optimizer == "auto" else ctx.method.optimizer
     return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim,
                   notes={"compute_dtype": str(compute).removeprefix("torch.")})

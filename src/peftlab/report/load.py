@@ -132,6 +132,7 @@ def load_run(run_dir: Path) -> RunData:
     quality = _quality(results, eval_metrics)
     predictions = {
         path.parent.name: read_jsonl(path) for path in sorted((run_dir / "eval").glob("*/predictions.jsonl"))
+        if "@" not in path.parent.name
     }
     stats = _read_optional(run_dir / "data" / "stats.json")
     if stats is None:  # a published run directory keeps only the statistics of data/ (results/samples-270m)
@@ -181,9 +182,12 @@ def _merge_training(results: dict[str, Any], files: dict[str, dict[str, Any]]) -
 
 
 def _read_subdirs(folder: Path) -> dict[str, dict[str, Any]]:
-    """`{name: metrics}` for every folder/<name>/metrics.json that holds a JSON object."""
+    """`{name: metrics}` for every folder/<name>/metrics.json that holds a JSON object (seed repeats,
+    `<method>@<seed>`, left out: results.json holds them under their method's "seeds")."""
     found = {}
     for path in sorted(folder.glob("*/metrics.json")):
+        if "@" in path.parent.name:
+            continue
         data = _read_json(path)
         if isinstance(data, dict):
             found[path.parent.name] = data

@@ -56,6 +56,25 @@ def check_checkpoint_strategy(checkpoint: str, fsdp: bool) -> None:
         raise UserError(f"--resume: {checkpoint} was written {how} --fsdp; resume it the same way")
 
 
+def remove_checkpoints(out: Path) -> list[Path]:
+    """Remove the Trainer's `checkpoint-N` folders under `out/checkpoints` (once final/ is written they
+    only take space: 8 GB for the demo). Only folders the Trainer wrote (named checkpoint-<step>, holding
+    its trainer_state.json) are removed; `checkpoints/` itself goes only if nothing else is left in it."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    removed = []
+    for item in sorted(folder.iterdir()):
+        step = item.name.removeprefix("checkpoint-")
+        if (item.is_dir() and not item.is_symlink() and item.name != step and step.isdigit()
+                and (item / "trainer_state.json").is_file()):
+            shutil.rmtree(item)
+            removed.append(item)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
+
+
 def last_checkpoint(out: Path) -> str | None:
     found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(found[-1]) if found else None

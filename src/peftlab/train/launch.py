@@ -20,3 +20,16 @@ def check_launch(config: StudyConfig, name: str, *, world: int, fsdp: bool) -> N
             raise UserError("--fsdp needs CUDA GPUs (accelerate engages FSDP only on GPU process groups); use DDP here")
     if world > 1 and (reason := single_process_only(config, name)):
         raise UserError(reason)
+    check_reporting(config, name)
+
+
+def check_reporting(config: StudyConfig, name: str) -> None:
+    """Each `report_to` tracker must be installed (transformers would fail inside the Trainer)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = config.method(name).report_to
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    available = get_available_reporting_integrations()
+    for tracker in wanted:
+        if tracker not in ("all", "none") and tracker not in available:
+            raise UserError(f"methods.{name}.report_to: {tracker} is not available here (its package is not installed)")

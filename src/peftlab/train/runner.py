@@ -1,7 +1,8 @@
 """Train one method: checks -> data -> recipe -> trainer -> train -> save -> metrics.
 
-Writes `train/<method>/`: `checkpoints/` (for --resume), `final/` (adapters or full weights, HF
-format, safetensors), `loss.csv`, and `metrics.json` last, which marks the method as done. A hybrid
+Writes `train/<method>/`: `checkpoints/` (for --resume; removed once the run is done unless
+`keep_checkpoints`), `final/` (adapters or full weights, HF format, safetensors), `loss.csv`, and
+`metrics.json` last, which marks the method as done. A hybrid
 is a sequence of these runs (`peftlab.hybrid`).
 """
 
@@ -39,10 +40,17 @@ from peftlab.train.checkpoints import (
     drop_tied_head,
     last_checkpoint,
     prepare_output,
+    remove_checkpoints,
 )
 from peftlab.train.launch import check_launch
 from peftlab.train.meter import StepTimes, measure, release_memory
-from peftlab.train.trainer import StopAfter, TargetTokenTrainer, adapter_inputs_uncast, training_arguments
+from peftlab.train.trainer import (
+    StopAfter,
+    TargetTokenTrainer,
+    TrainingProgress,
+    adapter_inputs_uncast,
+    training_arguments,
+)
 
 
 def train_method(
@@ -114,7 +122,8 @@ def train_method(
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         optimizers=(recipe.optimizer, None),
-        callbacks=[step_times, *([StopAfter(stop_after)] if stop_after else []), *(callbacks or [])],
+        callbacks=[step_times, TrainingProgress(name), *([StopAfter(stop_after)] if stop_after else []),
+                   *(callbacks or [])],
         loss_chunk_tokens=method.loss_chunk_tokens,
         micro_batch_tokens=method.micro_batch_tokens,
         galore_projection=recipe.galore_projection,
@@ -182,6 +191,8 @@ def train_method(
         "versions": package_versions(),
     }
     write_json(out / "metrics.json", metrics)
+    if not method.keep_checkpoints:
+        remove_checkpoints(out)  # final/ and metrics.json are written: nothing is left to resume
     del trainer, recipe
     release_memory()
     if world > 1:

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from peftlab.config import MethodConfig
+from peftlab.console import StageProgress
 from peftlab.methods import Recipe
 from peftlab.models import base_model
 from peftlab.train.loss import (
@@ -39,6 +40,8 @@ class TargetTokenTrainer(Trainer):
         `galore_projection`: a GaLore recipe's `galore.projection`; the per-weight optimizers that
         transformers builds (layer-wise) get its projectors, and a resumed optimizer's are restored."""
         super().__init__(*args, **kwargs)
+        # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
+        self.remove_callback(PrinterCallback)
         self.loss_chunk_tokens = loss_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self.galore_projection = galore_projection
@@ -150,6 +153,31 @@ def token_budget_slices(attention_mask: torch.Tensor, budget: int | None) -> lis
     return [(torch.tensor(rows, device=attention_mask.device), int(values[rows[0]])) for rows in slices]
 
 
+class TrainingProgress(TrainerCallback):
+    """One bar per training run (rank 0): optimizer steps done, and the loss every `logging_steps`."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: StageProgress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = StageProgress(state.max_steps, f"train {self.label}", "step", initial=state.global_step,
+                                 enabled=state.is_world_process_zero)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.advance_to(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.note(f"loss {float(logs['loss']):.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class StopAfter(TrainerCallback):
     """Stops training after a given optimizer step (used to test interrupt + resume)."""
 
@@ -198,14 +226,14 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         train_sampling_strategy=method.sampling,
         include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
         bf16=device == "cuda" and dtype == torch.bfloat16,
-        gradient_checkpointing=method.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=method.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         optim=recipe.trainer_optim,
-        report_to=[],
+        report_to=method.report_to if isinstance(method.report_to, str) else list(method.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
-        disable_tqdm=False,
+        disable_tqdm=True,  # our bar instead (TrainingProgress)
         **extra,
     )
 
