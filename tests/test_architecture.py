@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftlab"
 
 # Each top-level module or package of peftlab, by layer: a layer may import only lower layers (and itself).
 LAYERS = {
-    "errors": 0, "console": 0, "console": 0,
+    "errors": 0, "console": 0,
     "config": 1, "distributed": 1,
     "runguard": 1,
     "rundir": 2, "fingerprints": 3,
