@@ -20,7 +20,7 @@ from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, wr
 TRAINING_KEYS = (
     "peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "train_time_s", "tokens_per_s", "trainable_params",
     "total_params", "peak_rss_gib", "model_load_s", "final_loss", "optimizer_steps", "tokens_trained",
-    "device", "gpu_name", "merge_time_s",
+    "device", "gpu_name", "merge_time_s", "checkpoint_save_s", "resumed", "segments",
 )
 MODEL_KEYS = ("bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2", "n", "limit", "per_source", "generation")
 
