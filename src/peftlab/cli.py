@@ -135,9 +135,11 @@ def _version() -> str:
 
 def _load(args: argparse.Namespace):
     from peftlab.config import load_config
+    from peftlab.network import offline_unless_hub
     from peftlab.rundir import default_run_dir
 
     config = load_config(args.config, args.overrides)
+    offline_unless_hub(config)  # before anything loads: no network unless the config names a hub id
     return config, (args.out or default_run_dir(config))
 
 
@@ -314,11 +316,14 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes warns on every CPU import that an optional kernel hub package is missing.
+    # bitsandbytes warns on CPU imports that its optional hub kernel was not loaded (offline: see peftlab.network).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    from peftlab.network import network_settings_restored
+
     try:
-        return run_command(args)
+        with network_settings_restored():
+            return run_command(args)
     except UserError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return 2
