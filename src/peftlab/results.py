@@ -22,7 +22,8 @@ TRAINING_KEYS = (
     "total_params", "peak_rss_gib", "model_load_s", "final_loss", "optimizer_steps", "tokens_trained",
     "device", "gpu_name", "merge_time_s", "checkpoint_save_s", "resumed", "segments",
 )
-MODEL_KEYS = ("bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2", "n", "limit", "per_source", "generation")
+MODEL_KEYS = ("bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2", "n", "limit", "per_source", "generation",
+              "overlength_rows")
 
 
 def _predictions(run_dir: Path, model: str) -> list[dict[str, Any]]:
