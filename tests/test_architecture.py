@@ -15,7 +15,7 @@ LAYERS = {
     "runguard": 1,
     "rundir": 2, "fingerprints": 3,
     "models": 3,
-    "data": 4, "methods": 4,
+    "data": 4, "methods": 4, "network": 5,
     "train": 5, "evaluate": 5, "report": 5,
     "results": 6, "hybrid": 6,
     "export": 7, "chat": 7,

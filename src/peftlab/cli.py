@@ -149,9 +149,11 @@ def _version() -> str:
 
 def _load(args: argparse.Namespace):
     from peftlab.config import load_config
+    from peftlab.network import offline_unless_hub
     from peftlab.rundir import default_run_dir
 
     config = load_config(args.config, args.overrides)
+    offline_unless_hub(config)  # before anything loads: no network unless the config names a hub id
     return config, (args.out or default_run_dir(config))
 
 
@@ -339,17 +341,18 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes warns on every CPU import that an optional kernel hub package is missing.
+    # bitsandbytes warns on CPU imports that its optional hub kernel was not loaded (offline: see peftlab.network).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     import contextlib
 
     from peftlab.console import quiet_libraries
+    from peftlab.network import network_settings_restored
 
     # Importing transformers takes seconds: only commands that load models pay for quieting it.
     loads_models = args.command not in ("score", "report", "demo-data")
     try:
-        with quiet_libraries() if loads_models else contextlib.nullcontext():
+        with network_settings_restored(), quiet_libraries() if loads_models else contextlib.nullcontext():
             return run_command(args)
     except UserError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)

@@ -103,7 +103,8 @@ def train_hybrid(config: StudyConfig, run_dir: Path, name: str, *, resume: bool 
                 adapters, adapter_base = stage_out / "final", source
             else:
                 source = str(stage_out / "final")
-        stages.append({**metrics, "stage": index, "method": stage.method})
+        # A stage finished by an earlier process of a resumed hybrid is reused, not trained again.
+        stages.append({**metrics, "stage": index, "method": stage.method, "reused": bool(done and resume)})
     if rank != 0:
         return {}
     assert source is not None  # validated: the stages end on a full model
@@ -157,15 +158,20 @@ def summarize_stages(name: str, stages: list[dict[str, Any]], wall_s: float) -> 
         "data_load_s": sum(s.get("data_load_s", 0.0) for s in trained),
         "merge_time_s": sum(s.get("merge_time_s", 0.0) for s in stages),
         "train_time_s": train_time,
+        "checkpoint_save_s": sum(s.get("checkpoint_save_s") or 0.0 for s in trained),
         "wall_time_s": wall_s,
         "tokens_trained": tokens,
         "tokens_per_s": tokens / train_time if train_time > 0 else None,
         "optimizer_steps": sum(s["optimizer_steps"] for s in trained),
+        # Resumed: a stage resumed from a checkpoint, or finished by an earlier process and reused.
+        "resumed": any(s.get("resumed") or s.get("reused") for s in stages),
+        "segments": max(s.get("segments") or 1 for s in trained),
         "trainable_params": max(s["trainable_params"] for s in trained),
         "total_params": last["total_params"],
         "final_loss": last["final_loss"],
         "loss_curve": curve,
-        "stages": [{k: v for k, v in s.items() if k not in ("loss_curve", "versions", "method_config")} for s in stages],
+        "stages": [{k: v for k, v in s.items() if k not in ("loss_curve", "versions", "method_config", "segment_records")}
+                   for s in stages],
         "versions": last.get("versions"),
     }
 

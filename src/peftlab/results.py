@@ -69,13 +69,13 @@ ALPHA = 0.05
 TRAINING_KEYS = (
     "peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "train_time_s", "tokens_per_s", "trainable_params",
     "total_params", "peak_rss_gib", "model_load_s", "final_loss", "optimizer_steps", "tokens_trained",
-    "device", "gpu_name", "merge_time_s",
+    "device", "gpu_name", "merge_time_s", "checkpoint_save_s", "resumed", "segments",
 )
 SCORE_KEYS = (
     "bleu4", "bleu4_ci", "rougeL", "rougeL_ci", "rouge1", "rouge2",
     *(f"{m}{suffix}" for m in EXACT_TYPES for suffix in ("", "_ci", "_count")),
 )
-MODEL_KEYS = (*SCORE_KEYS, "n", "limit", "per_source", "generation")
+MODEL_KEYS = (*SCORE_KEYS, "n", "limit", "per_source", "generation", "overlength_rows")
 # results.json of peftlab before schema 2 compared these two only.
 LEGACY_METRICS = ["rougeL", "bleu4"]
 

@@ -78,6 +78,22 @@ def tokenize(rendered: Rendered, tokenizer, max_length: int | None = None) -> To
     return Tokenized(ids, _runs(mask), truncated)
 
 
+def fit_exchanges(messages: Sequence[dict[str, str]], tokenizer, max_length: int) -> list[dict[str, str]] | None:
+    """The longest start of a conversation that ends in an assistant turn answering a user turn and
+    renders within `max_length` tokens, or None when even the first exchange is longer.
+
+    An evaluation row is its prompt (every turn before the last answer) and that answer as the
+    reference: cutting the conversation at a turn boundary keeps both whole and within the length
+    training sees, where cutting tokens would score an answer that training never reached."""
+    for end in range(len(messages), 1, -1):
+        if messages[end - 1]["role"] != "assistant" or messages[end - 2]["role"] != "user":
+            continue
+        kept = list(messages[:end])
+        if len(tokenize(render(kept), tokenizer).input_ids) <= max_length:
+            return kept
+    return None
+
+
 def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
     return end > start and any(lo <= start and end <= hi for lo, hi in spans)
 

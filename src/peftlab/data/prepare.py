@@ -4,7 +4,10 @@ Report sections 3-4, done right:
 - an independent seeded RNG per source (seeded by the study seed and the source name), drawing
   `train_buffer + test_buffer` distinct indices; train and test index sets are disjoint (asserted);
 - conversion per format (`formats.py`), Gemma rendering with one `<bos>` (`chat.py`);
-- over-long rows dropped or truncated (`prepare.overlength`), every drop counted by reason;
+- over-long rows dropped or truncated (`prepare.overlength`), every drop counted by reason; a test row
+  is truncated at a turn boundary (`chat.fit_exchanges`: a prompt ending in a user turn and its answer,
+  within `max_seq_length`) or dropped when its first exchange is longer; `overlength_rows` counts the
+  rows kept after truncation per split;
 - exactly `train_per_source` / `test_per_source` rows per source, else a clear error;
 - the combined rows shuffled with the study seed; output files are byte-identical for a config.
 """
@@ -15,7 +18,7 @@ import hashlib
 import json
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from peftlab.config import SourceConfig, StudyConfig
-from peftlab.data.chat import render, tokenize
+from peftlab.data.chat import fit_exchanges, render, tokenize
 from peftlab.data.formats import Dropped, convert_row
 from peftlab.data.sources import LoadedSource, load_source
 from peftlab.errors import UserError
@@ -151,7 +154,13 @@ def _convert_buffer(config, source, loaded, indices, tokenizer, split) -> SplitB
             buffer.dropped[drop.reason] += 1
             continue
         rendered = render(messages)
-        tokens = tokenize(rendered, tokenizer, max_len if truncate else None)
+        evaluated = split == "test"  # a prompt and its reference: cut at turns, never inside one
+        tokens = tokenize(rendered, tokenizer, max_len if truncate and not evaluated else None)
+        if len(tokens.input_ids) > max_len and truncate and evaluated:
+            fitted = fit_exchanges(messages, tokenizer, max_len)
+            if fitted is not None:
+                messages, rendered = fitted, render(fitted)
+                tokens = replace(tokenize(rendered, tokenizer), truncated=True)
         if len(tokens.input_ids) > max_len:
             buffer.dropped["overlength"] += 1
             continue
@@ -194,6 +203,9 @@ def _split_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lengths = [row["num_tokens"] for row in rows]
     return {
         "rows": len(rows),
+        # Rows longer than max_seq_length kept by truncation (train: cut at the limit; test: cut back
+        # to the last exchange that fits). Dropped rows are counted per source.
+        "overlength_rows": sum(1 for row in rows if row["truncated"]),
         "per_source": dict(sorted(Counter(row["source_dataset"] for row in rows).items())),
         "tokens": int(sum(lengths)),
         "assistant_tokens": int(sum(e - s for row in rows for s, e in row["assistant_spans"])),

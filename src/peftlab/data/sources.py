@@ -54,6 +54,12 @@ def load_source(source: SourceConfig) -> LoadedSource:
     return _load_hub(source, path)
 
 
+def names_hub_dataset(path_setting: str) -> bool:
+    """Whether `load_source` loads a source whose path is `path_setting` from the hub."""
+    path = expand_path(path_setting)
+    return not (path.startswith("demo:") or Path(path).exists() or _looks_local(path))
+
+
 def _looks_local(path: str) -> bool:
     base = path.removesuffix(".gz")
     return path.startswith((".", "/", "~")) or base.endswith(LOCAL_SUFFIXES) or path.count("/") != 1

@@ -133,6 +133,18 @@ def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[
             "select_by": ensemble.select_by, "validation_rows": len(examples), "validation": trials}
 
 
+def _overlength_rows(run_dir: Path, rows: list[dict[str, Any]]) -> int:
+    """How many evaluated rows were longer than max_seq_length and cut back to the last exchange that
+    fits (`prepare.overlength: truncate`; under `drop` there are none). Test rows prepared before
+    that cut were truncated inside a turn while their prompt and reference stayed whole: refused."""
+    cut = sum(1 for row in rows if row.get("truncated"))
+    stats = read_json(run_dir / "data" / "stats.json")
+    if cut and "overlength_rows" not in stats.get("splits", {}).get("test", {}):
+        raise UserError(f"{run_dir / 'data'}: {cut} test rows are longer than data.max_seq_length and were"
+                        " prepared by an older peftlab, which scored them whole; re-run `peftlab prepare`")
+    return cut
+
+
 def _init_distributed(device: str) -> None:
     """Under torchrun: one GPU per process and a process group for gathering predictions."""
     import os
@@ -147,7 +159,9 @@ def _init_distributed(device: str) -> None:
 
 def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int | None = None) -> dict[str, Any]:
     limit = limit if limit is not None else config.evaluate.limit
-    examples = examples_from_rows(_limited(read_split(run_dir, "test"), limit))
+    rows = _limited(read_split(run_dir, "test"), limit)
+    overlength = _overlength_rows(run_dir, rows)
+    examples = examples_from_rows(rows)
     device = device_name()
     _init_distributed(device)
     tokenizer = load_tokenizer(config.model)
@@ -172,7 +186,8 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
     if rank != 0:
         return {}
     speed["processes"] = world
-    metrics = {"model": name, "limit": limit, **_score(config, examples, outputs), "generation": speed, **extra}
+    metrics = {"model": name, "limit": limit, **_score(config, examples, outputs), "overlength_rows": overlength,
+               "overlength": config.prepare.overlength, "generation": speed, **extra}
     with atomic_dir(run_dir / "eval" / name) as out:
         with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for example, (text, count) in zip(examples, outputs, strict=True):

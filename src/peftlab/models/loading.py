@@ -45,6 +45,15 @@ def resolve_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
     return name_or_path, {"hub": True}
 
 
+def names_hub_model(name_or_path: str) -> bool:
+    """Whether `resolve_source` loads `name_or_path` from the hub (decided without side effects)."""
+    if name_or_path.startswith("builtin:") or name_or_path.endswith(".gguf"):
+        return False
+    if Path(expand_path(name_or_path)).exists():
+        return False
+    return not (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1)
+
+
 def _hub_error(what: str, name: str, exc: Exception) -> UserError:
     reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     return UserError(

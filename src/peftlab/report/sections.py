@@ -208,7 +208,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
                 _gpu_cell(m, "peak_gpu_alloc_gib"),
                 _gpu_cell(m, "peak_gpu_reserved_gib"),
                 fmt.gib(m.get("peak_rss_gib")),
-                fmt.duration(total_time(m)),
+                fmt.duration(total_time(m)) + (" (resumed)" if m.get("resumed") else ""),
                 fmt.rate(m.get("tokens_per_s")),
                 fmt.count(m.get("trainable_params")),
                 fmt.share(m.get("trainable_params"), m.get("total_params")),

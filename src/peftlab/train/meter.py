@@ -26,6 +26,21 @@ class Measurement:
     peak_gpu_alloc_gib: float | None = None
     peak_gpu_reserved_gib: float | None = None
     peak_rss_gib: float = 0.0
+    # Set while the measured block runs, for readings taken inside it (`so_far`).
+    started: float | None = None
+    sampler: RssSampler | None = None
+
+    def so_far(self) -> Measurement:
+        """The time and peaks from the block's start until now, read inside the block."""
+        if self.started is None or self.sampler is None:
+            return self
+        cuda = torch.cuda.is_available()
+        return Measurement(
+            seconds=time.perf_counter() - self.started,
+            peak_gpu_alloc_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
+            peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else None,
+            peak_rss_gib=max(self.sampler.peak, self.sampler.current()) / GIB,
+        )
 
 
 class RssSampler:
@@ -44,9 +59,12 @@ class RssSampler:
         self.peak = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def current(self) -> int:
+        return self._process.memory_info().rss
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._process.memory_info().rss)
+            self.peak = max(self.peak, self.current())
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -67,6 +85,7 @@ def measure() -> Iterator[Measurement]:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     sampler = RssSampler()
+    result.started, result.sampler = start, sampler
     try:
         with sampler:
             yield result
@@ -77,6 +96,7 @@ def measure() -> Iterator[Measurement]:
             result.peak_gpu_reserved_gib = torch.cuda.max_memory_reserved() / GIB
         result.seconds = time.perf_counter() - start
         result.peak_rss_gib = sampler.peak / GIB
+        result.started = result.sampler = None
 
 
 class StepTimes(TrainerCallback):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +45,7 @@ from peftlab.train.checkpoints import (
 )
 from peftlab.train.launch import check_launch
 from peftlab.train.meter import StepTimes, measure, release_memory
+from peftlab.train.segments import RunSegments, prior_segments
 from peftlab.train.trainer import (
     StopAfter,
     TargetTokenTrainer,
@@ -115,6 +117,11 @@ def train_method(
     if checkpoint is not None and not recipe.resumable:
         raise UserError(f"{out}: {recipe.optimizer_name} cannot resume (transformers does not save its per-weight"
                         " optimizer states); start again without --resume, or use galore.variant adamw / adamw8bit")
+    prior, recorded = prior_segments(checkpoint)
+    if not recorded and rank == 0:
+        print(f"peftlab: {checkpoint} carries no record of its training time (written by an older peftlab):"
+              " train_time_s and the peaks cover the steps after it only", file=sys.stderr, flush=True)
+    segments = RunSegments(prior)
     step_times = StepTimes()
     trainer = TargetTokenTrainer(
         model=recipe.model,
@@ -122,16 +129,20 @@ def train_method(
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         optimizers=(recipe.optimizer, None),
-        callbacks=[step_times, TrainingProgress(name), *([StopAfter(stop_after)] if stop_after else []),
+        callbacks=[step_times, segments, TrainingProgress(name), *([StopAfter(stop_after)] if stop_after else []),
                    *(callbacks or [])],
         loss_chunk_tokens=method.loss_chunk_tokens,
         micro_batch_tokens=method.micro_batch_tokens,
         galore_projection=recipe.galore_projection,
+        segments=segments,
     )
 
-    # Train
+    # Train (checkpoint writes are timed apart: see peftlab.train.segments)
     with measure() as loop, adapter_inputs_uncast(recipe.model, args.bf16):
+        segments.meter = loop
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    segments.meter = None
+    run = segments.whole_run(loop)
     if method.torch_compile:
         recipe.notes["compile"] = compile_stats()
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
@@ -139,7 +150,8 @@ def train_method(
 
     # Save
     tokens = int(trainer.tokens_seen.item()) if trainer.tokens_seen is not None else 0  # this segment
-    ranks = gather_ranks({"rank": rank, "tokens_trained": tokens, "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
+    ranks = gather_ranks({"rank": rank, "tokens_trained": tokens, "train_time_s": run["records"][-1]["train_time_s"],
+                          "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
                           "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib, "peak_rss_gib": loop.peak_rss_gib},
                          world)
     gathered = out / ".final-gathered"
@@ -154,8 +166,11 @@ def train_method(
     _write_loss_csv(out / "loss.csv", losses)
     _save_final(out, recipe.model, tokenizer, gathered if fsdp else None)
 
-    # Metrics (metrics.json last: it marks the method as done)
-    tokens = sum(r["tokens_trained"] for r in ranks)
+    # Metrics (metrics.json last: it marks the method as done). Time and peaks cover every segment of
+    # the run (resumes included); per_rank covers this process's segment.
+    tokens_trained = int(trainer.state.num_input_tokens_seen or sum(r["tokens_trained"] for r in ranks))
+    # Without earlier records the time covers this segment: so must the tokens of the rate.
+    timed_tokens = tokens_trained if recorded else sum(r["tokens_trained"] for r in ranks)
     metrics = {
         "method": name,
         "kind": method.kind,
@@ -164,21 +179,24 @@ def train_method(
         "gpu_name": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "dtype": str(dtype).removeprefix("torch."),
         "optimizer": recipe.optimizer_name,
-        "peak_gpu_alloc_gib": loop.peak_gpu_alloc_gib,
-        "peak_gpu_reserved_gib": loop.peak_gpu_reserved_gib,
-        "peak_rss_gib": loop.peak_rss_gib,
+        "peak_gpu_alloc_gib": run["peak_gpu_alloc_gib"],
+        "peak_gpu_reserved_gib": run["peak_gpu_reserved_gib"],
+        "peak_rss_gib": run["peak_rss_gib"],
         "world_size": world,
         "strategy": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world > 1 else "single"),
         "per_rank": ranks,
         "peak_gpu_alloc_gib_total": total_over_ranks(ranks, "peak_gpu_alloc_gib"),
         "model_load_s": load_seconds,
         "data_load_s": data_seconds,
-        "train_time_s": loop.seconds,
-        # The whole run's tokens (restored on resume); time and tokens/s cover this process's segment.
-        "tokens_trained": int(trainer.state.num_input_tokens_seen or tokens),
-        "tokens_per_s": tokens / loop.seconds if loop.seconds > 0 else None,
+        "train_time_s": run["train_time_s"],
+        "checkpoint_save_s": run["checkpoint_save_s"],
+        "tokens_trained": tokens_trained,
+        "tokens_per_s": timed_tokens / run["train_time_s"] if run["train_time_s"] > 0 else None,
         "optimizer_steps": trainer.state.global_step,
         **step_times.summary(),
+        "resumed": run["resumed"],
+        "segments": run["segments"],
+        "segment_records": run["records"],
         "resumed_from": checkpoint,
         "trainable_params": trainable,
         "total_params": total,

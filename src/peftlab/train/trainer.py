@@ -21,6 +21,7 @@ from peftlab.train.loss import (
     final_hidden_states,
     target_token_mean,
 )
+from peftlab.train.segments import RunSegments
 
 
 class TargetTokenTrainer(Trainer):
@@ -34,14 +35,17 @@ class TargetTokenTrainer(Trainer):
     """
 
     def __init__(self, *args, loss_chunk_tokens: int = 256, micro_batch_tokens: int | None = None,
-                 galore_projection: str | None = None, **kwargs) -> None:
+                 galore_projection: str | None = None, segments: RunSegments | None = None, **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
         `micro_batch_tokens`: split each micro-batch into slices of at most this many padded tokens.
         `galore_projection`: a GaLore recipe's `galore.projection`; the per-weight optimizers that
-        transformers builds (layer-wise) get its projectors, and a resumed optimizer's are restored."""
+        transformers builds (layer-wise) get its projectors, and a resumed optimizer's are restored.
+        `segments`: times each checkpoint write and stores the run's segment records in it (pass it
+        among the callbacks too)."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)
+        self.segments = segments
         self.loss_chunk_tokens = loss_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self.galore_projection = galore_projection
@@ -67,6 +71,14 @@ class TargetTokenTrainer(Trainer):
 
             restore_projectors(getattr(self.optimizer, "optimizer", self.optimizer),  # accelerate's wrapper
                                self.galore_projection)
+
+    def _save_checkpoint(self, model, trial):
+        if self.segments is None:
+            return super()._save_checkpoint(model, trial)
+        # A checkpoint written before the records existed has no entry; transformers expects one.
+        self.state.stateful_callbacks.setdefault(type(self.segments).__name__, {})
+        with self.segments.timing_save():
+            return super()._save_checkpoint(model, trial)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
