@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--kernels", default=None, help="comma-separated subset (default: all that import)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -139,6 +140,8 @@ def main() -> int:
         kernels.append("flash_attention_2")
     except ImportError:
         pass
+    if args.kernels:
+        kernels = [k for k in args.kernels.split(",") if k]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                               "torch": torch.__version__, "row_lengths": lengths, "tokens": sum(lengths),
                               "padded_tokens": len(lengths) * max(lengths), "shape": {"heads": 4, "kv_heads": 1,

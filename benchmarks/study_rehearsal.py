@@ -55,13 +55,15 @@ def main() -> int:
     parser.add_argument("--tokenizer", default="builtin:gemma-3-270m")
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/rehearsal"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides after the rehearsal's (e.g. a tiny shape for a CPU smoke run)")
     args = parser.parse_args()
 
     from peftlab.config import evaluated_models, load_config
     from peftlab.rundir import hardware, package_versions, write_json, write_provenance
     from peftlab.workflow import check_run_dir_config, run_evaluate, run_prepare, run_report, run_train
 
-    overrides = rehearsal_overrides(args.samples, args.tokenizer)
+    overrides = [*rehearsal_overrides(args.samples, args.tokenizer), *args.extra]
     config = load_config("seed", overrides)
     run_dir = args.run_dir
     check_run_dir_config(config, run_dir)

@@ -171,6 +171,23 @@ def _gpu_cell(metrics: dict[str, Any], key: str) -> str:
     return "n/a (CPU)" if str(metrics.get("device", "cpu")).startswith("cpu") else fmt.MISSING
 
 
+def _execution_cell(metrics: dict[str, Any]) -> str:
+    """A short account of the execution that ran (peftlab.train.execution), e.g. `fast · padding-free ·
+    varlen`; a hybrid: its stages'."""
+    execution = metrics.get("execution")
+    if not isinstance(execution, dict):
+        stages = [s.get("execution") for s in metrics.get("stages") or [] if isinstance(s, dict)]
+        described = [_execution_cell(s) for s in stages if isinstance(s, dict)]
+        return " / ".join(dict.fromkeys(described)) if described else fmt.MISSING
+    parts = [str(execution.get("mode", "?")).replace("_", " ")]
+    if execution.get("padding_free"):
+        parts.append("padding-free")
+    parts.append(str(execution.get("attention", "?")))
+    if execution.get("gradient_checkpointing"):
+        parts.append("checkpointing")
+    return " · ".join(parts)
+
+
 def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
     speed = generation_speed_table(run, colors)
     if not run.trained:
@@ -183,6 +200,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
             [
                 _model_cell(method, colors),
                 run.kind(method) or fmt.MISSING,
+                _execution_cell(m),
                 _gpu_cell(m, "peak_gpu_alloc_gib"),
                 _gpu_cell(m, "peak_gpu_reserved_gib"),
                 fmt.gib(m.get("peak_rss_gib")),
@@ -197,6 +215,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
     headers = [
         "Model",
         "Kind",
+        "Execution",
         "Peak GPU alloc (GiB)",
         "Peak GPU reserved (GiB)",
         "Peak RSS (GiB)",
@@ -213,7 +232,9 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
         notes.append(
             f"{fmt.join_names(untrained)}: no training run of {'their' if len(untrained) > 1 else 'its'} own."
         )
-    blocks: list[Any] = [Table(headers, rows, "llrrrrrrrrr", notes=notes)]
+    notes.append("Execution: how peftlab ran each step (train/<method>/metrics.json `execution`); the recipe"
+                 " (rows per step, learning rate, schedule, loss) is the config's.")
+    blocks: list[Any] = [Table(headers, rows, "lllrrrrrrrrr", notes=notes)]
     for method in run.trained:
         stages = [s for s in run.training[method].get("stages") or [] if isinstance(s, dict)]
         if stages:

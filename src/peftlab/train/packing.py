@@ -174,7 +174,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
     if softcap or dropout:
         raise NotImplementedError("peftlab_varlen attention: no logit soft-capping or attention dropout")
-    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, head_dim]
+    q, k, v = (tensor[0].transpose(0, 1).contiguous() for tensor in (query, key, value))  # [tokens, heads, dim]
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window,
