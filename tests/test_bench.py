@@ -14,31 +14,37 @@ from peftlab.errors import UserError
 
 def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+    assert main(["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "default,lowmem",
                  "--rows-per-source", "8", "--max-steps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["gpu"] == "cpu" and "torch" in report["versions"] and report["command"].startswith("peftlab")
-    assert [(r["method"], r["profile"]) for r in report["runs"]] == [("lora", "fast"), ("lora", "lowmem")]
+    assert [(r["method"], r["profile"]) for r in report["runs"]] == [("lora", "default"), ("lora", "lowmem")]
     for run in report["runs"]:
         assert run["tokens_per_s"] > 0 and run["rows"] == 24 and run["optimizer_steps"] == 1
         assert run["mfu"] is None and run["peak_alloc_gib"] is None  # no GPU: n/a, never 0
         assert run["step_s_median"] > 0
-    assert [r["max_seq_length"] for r in report["runs"]] == [1024, 2048]
-    assert "lora          fast" in capsys.readouterr().err
+    assert [r["max_seq_length"] for r in report["runs"]] == [2048, 2048]
+    assert "lora          default" in capsys.readouterr().err
+    # The default profile is the seed's recipe through `peftlab train`'s own execution choice.
+    default = report["runs"][0]
+    assert (default["settings"]["lr"], default["settings"]["batch_size"], default["settings"]["grad_accum"]) == (
+        2e-4, 4, 4)
+    assert default["execution"]["mode"] == "as_written" and default["execution"]["padding_free"]  # CPU
+    assert report["runs"][1]["settings"]["micro_batch_tokens"] == 2048
     assert out.with_suffix(".loss.png").stat().st_size > 1000  # the loss curves of every profile
     assert out.with_suffix(".png").stat().st_size > 1000  # tokens/s (and, on a GPU, peaks) per run
 
     # --resume keeps finished runs (a fast one is marked to prove it is not re-run) and runs the rest.
     report["runs"] = [{**report["runs"][0], "kept": True}]
     out.write_text(json.dumps(report))
-    args = ["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "fast,lowmem",
+    args = ["bench", "train", "--shape", "builtin:tiny-gemma3", "--methods", "lora", "--profiles", "default,lowmem",
             "--rows-per-source", "8", "--max-steps", "1", "--out", str(out), "--resume"]
     assert main(args) == 0
     resumed = json.loads(out.read_text())
     assert [(r["method"], r["profile"], r.get("kept")) for r in resumed["runs"]] == [
-        ("lora", "fast", True), ("lora", "lowmem", None)]
-    assert "lora / fast: kept from" in capsys.readouterr().err
-    assert resumed["kept_runs"] == [["lora", "fast"]]
+        ("lora", "default", True), ("lora", "lowmem", None)]
+    assert "lora / default: kept from" in capsys.readouterr().err
+    assert resumed["kept_runs"] == [["lora", "default"]]
     assert len(resumed["commands"]) == 2 and resumed["commands"][0] == report["command"]  # both invocations
     assert resumed["runs"][1]["settings"]["lora"]["dropout"] == 0.05  # what the run trained with
     # A kept run whose profile's settings changed since is run again, not mixed in.
@@ -47,9 +53,9 @@ def test_bench_writes_the_report(tmp_path, gemma_tokenizer, capsys):
     out.write_text(json.dumps(changed))
     assert main(args) == 0
     rerun = json.loads(out.read_text())
-    assert "lora / fast: its settings changed since" in capsys.readouterr().err
+    assert "lora / default: its settings changed since" in capsys.readouterr().err
     assert [(r["method"], r["profile"], r.get("kept")) for r in rerun["runs"]] == [
-        ("lora", "fast", None), ("lora", "lowmem", None)]
+        ("lora", "default", None), ("lora", "lowmem", None)]
     assert rerun["kept_runs"] == [["lora", "lowmem"]]
     # A report of another workload is refused, not mixed in.
     assert main([*args[:-5], "--max-steps", "2", "--out", str(out), "--resume"]) == 2
@@ -176,9 +182,13 @@ def test_profiles_keep_the_effective_batch_and_set_their_levers():
         return config.methods[kind], config.data.max_seq_length
 
     for kind in ("qlora", "galore", "lora"):
-        for profile in ("fast", "fast-liger", "lowmem"):
+        for profile in ("default", "fast", "fast-liger", "lowmem"):
             settings, _ = method(kind, profile)
             assert settings.batch_size * settings.grad_accum == 16  # the study's effective batch
+    default, default_len = method("qlora", "default")
+    assert default_len == 2048 and (default.batch_size, default.grad_accum) == (4, 4)  # the seed's, as written
+    assert not {"gradient_checkpointing", "micro_batch_tokens", "loss_chunk_tokens"} & set(default.explicit)
+    assert (default.lr, default.max_grad_norm, default.optimizer) == (2e-4, 0.3, "paged_adamw_8bit")  # seed.yaml
     fast, fast_len = method("qlora", "fast")
     low, low_len = method("qlora", "lowmem")
     assert (fast_len, low_len) == (1024, 2048)

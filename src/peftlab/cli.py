@@ -105,7 +105,8 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
 def _add_train_bench(bench: argparse.ArgumentParser) -> None:
     _add_workload(bench)
     bench.add_argument("--methods", default="qlora,galore,lora", help="comma-separated: qlora, galore, lora, full, hybrid")
-    bench.add_argument("--profiles", default="fast,lowmem", help="comma-separated: fast, fast-liger, fast-compile, lowmem")
+    bench.add_argument("--profiles", default="default,lowmem",
+                       help="comma-separated: default (the study's own path), fast, fast-liger, fast-compile, lowmem")
     bench.add_argument("--reference", action="store_true", help="also run the original study's TRL SFTTrainer recipe")
     bench.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
     bench.add_argument("--resume", action="store_true",

@@ -69,11 +69,13 @@ class ModelConfig:
     tokenizer: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     # Training/inference dtype: auto = bf16 on a GPU that supports it, fp32 on CPU.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # Fuse RMSNorm, GeGLU and RoPE with liger-kernel's Triton kernels (Gemma 3, CUDA only).
     liger_kernel: bool = False
+    # The keys the YAML (or --set) gave (not a YAML key): training's execution keeps these as written.
+    explicit: list[str] = field(default_factory=list, metadata={"internal": True})
 
 
 @dataclass
@@ -135,6 +137,8 @@ class MethodConfig:
     warmup_steps: int = 100
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = 1.0
+    # Execution settings (how a step runs, never what is learned): `peftlab.train.execution` chooses
+    # each one for the device unless the YAML sets it; these defaults are what a key left out means on CPU.
     gradient_checkpointing: bool = True
     loss_on: Literal["assistant", "all"] = "assistant"
     seed: int = 42
@@ -153,6 +157,25 @@ class MethodConfig:
     # Compile each decoder layer (torch.compile, dynamic shapes): fused element-wise kernels and far
     # fewer launches per step; the first steps pay the compilation.
     torch_compile: bool = False
+    # Each micro-batch's rows run as one concatenated sequence (no padding), positions restarting per
+    # row, attention kept inside each row (and its sliding window): same loss, no work on padding.
+    padding_free: bool = True
+    # GiB the training may use on the GPU: the execution then fits it (token-budget slices, activation
+    # checkpointing, small loss chunks: the bench's `lowmem` levers); null = the whole card.
+    memory_budget_gib: float | None = None
+    # Attention kernel for training: `auto` = model.attn_implementation when the YAML sets it, else the
+    # fastest exact kernel for the device (padding-free: `varlen` = torch's variable-length flash
+    # attention, `flex_attention` = a FlexAttention block mask, `sdpa`/`eager` = a block-diagonal mask).
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"] = "auto"
+    # Padding-free only: pad each forward's token count up to a multiple of this (a dummy row outside
+    # the loss), so a compiled step sees few shapes; null = no padding.
+    pad_tokens_to_multiple_of: int | None = None
+    # QLoRA only: keep a bf16 (compute dtype) copy of each frozen NF4 weight, dequantized once, instead
+    # of dequantizing before every matmul (the same numbers; costs 2 bytes per base weight).
+    dequantized_base: bool = False
+    # Keep device-to-host syncs out of each micro-batch: tokens counted on the host from the collator,
+    # and no per-micro-batch NaN check of the loss (a NaN loss is then logged as it is).
+    avoid_host_syncs: bool = True
     logging_steps: int = 1
     save_steps: int = 200
     save_total_limit: int = 2
@@ -164,6 +187,9 @@ class MethodConfig:
     quant: QuantSettings = field(default_factory=QuantSettings)
     galore: GaloreSettings = field(default_factory=GaloreSettings)
     stages: list[StageConfig] = field(default_factory=list)
+    # The keys the YAML (train: + methods.<name>:, or --set) gave (not a YAML key): the execution
+    # (`peftlab.train.execution`) keeps these as written and chooses the others for the device.
+    explicit: list[str] = field(default_factory=list, metadata={"internal": True})
 
 
 @dataclass
@@ -287,11 +313,23 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> StudyConfig
         config = _build(StudyConfig, raw, "")
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
+    for name, method in config.methods.items():
+        method.explicit = _given_keys(raw["methods"][name])
+    config.model.explicit = _given_keys(raw.get("model") or {})
     try:
         validate(config)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     return config
+
+
+def _given_keys(section: dict[str, Any]) -> list[str]:
+    """The keys a YAML section gave, nested ones dotted one level deep (`galore.accumulate`)."""
+    keys = set(section)
+    for key, value in section.items():
+        if isinstance(value, dict):
+            keys.update(f"{key}.{inner}" for inner in value)
+    return sorted(keys)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -499,6 +537,11 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{where}.{key} must be at least 1, got {value}")
+    if method.memory_budget_gib is not None and method.memory_budget_gib <= 0:
+        raise UserError(f"{where}.memory_budget_gib must be positive (or left out), got {method.memory_budget_gib}")
+    if method.pad_tokens_to_multiple_of is not None and method.pad_tokens_to_multiple_of < 1:
+        raise UserError(f"{where}.pad_tokens_to_multiple_of must be at least 1 (or left out),"
+                        f" got {method.pad_tokens_to_multiple_of}")
     if method.micro_batch_tokens is not None and method.micro_batch_tokens < 1:
         raise UserError(f"{where}.micro_batch_tokens must be at least 1 (or left out), got {method.micro_batch_tokens}")
     if method.seed < 0:
@@ -660,6 +703,9 @@ def _validate_evaluate(config: StudyConfig) -> None:
 def config_to_dict(config: StudyConfig) -> dict[str, Any]:
     raw = dataclasses.asdict(config)
     raw.pop("source_file", None)
+    raw["model"].pop("explicit", None)
+    for method in raw["methods"].values():
+        method.pop("explicit", None)
     return raw
 
 

@@ -52,7 +52,9 @@ def prepared(tmp_path_factory, gemma_tokenizer):
 
 @pytest.fixture(scope="module")
 def one_process(prepared):
-    return _train(prepared, "one", gpus=1, batch=8)
+    # Padded batches in one process: the two-process runs below are padding-free (the default), so the
+    # comparison also shows padding-free training under DDP (and with token-budget slices) unchanged.
+    return _train(prepared, "one", 1, 8, "--set", "methods.lora.padding_free=false")
 
 
 def test_two_processes_match_one_with_the_same_effective_batch(prepared, one_process):
@@ -60,6 +62,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(prepared, one_pro
     double = _train(prepared, "two", gpus=2, batch=4)
     assert single["world_size"] == 1 and double["world_size"] == 2
     assert [r["rank"] for r in double["per_rank"]] == [0, 1]
+    assert double["execution"]["padding_free"] and not single["execution"]["padding_free"]
     assert double["tokens_trained"] == sum(r["tokens_trained"] for r in double["per_rank"])
     assert double["tokens_trained"] == single["tokens_trained"]
     ours = [p["loss"] for p in double["loss_curve"]]

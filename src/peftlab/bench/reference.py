@@ -1,6 +1,10 @@
 """The reference recipe the bench compares with: the original study's TRL `SFTTrainer` run with a
-plain `TrainingArguments` (micro-batches of 4 x 4 accumulation, activation checkpointing, eager
-attention, fp16 QLoRA compute), on the same workload rows as our profiles."""
+plain `TrainingArguments`, on the same workload rows as our profiles.
+
+Its hyperparameters are configs/seed.yaml's (through the workload's method config: batch split,
+learning rate, clipping, warmup, schedule, weight decay, seed, LoRA / quantisation / GaLore
+settings); its execution is the study's code: the seed's micro-batches x accumulation as written,
+activation checkpointing, eager attention (SDPA for plain LoRA), and fp16 QLoRA compute."""
 
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ def run_reference(spec: BenchSpec) -> dict[str, Any]:
     method = config.methods[spec.method]
     model, optimizers, optim = _reference_model(spec.method, path, method)
     args = TrainingArguments(
-        output_dir=str(Path(spec.work_dir) / "ref"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
-        num_train_epochs=1, max_steps=spec.max_steps, weight_decay=0.01, warmup_steps=100,
-        lr_scheduler_type="cosine", bf16=True, gradient_checkpointing=True, seed=42, learning_rate=method.lr,
+        output_dir=str(Path(spec.work_dir) / "ref"), per_device_train_batch_size=method.batch_size,
+        gradient_accumulation_steps=method.grad_accum, num_train_epochs=method.epochs, max_steps=spec.max_steps,
+        weight_decay=method.weight_decay, warmup_steps=method.warmup_steps, lr_scheduler_type=method.scheduler,
+        bf16=True, gradient_checkpointing=True, seed=method.seed, learning_rate=method.lr,
         max_grad_norm=method.max_grad_norm, optim=optim, report_to=[], save_strategy="no", logging_steps=1,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -70,19 +75,21 @@ def _reference_model(kind: str, path: str, method):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(r=method.lora.r, lora_alpha=method.lora.alpha, lora_dropout=method.lora.dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=list(method.lora.target_modules))
     if kind == "qlora":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        # fp16 compute: the study's code (its report states bf16, which the seed and our profiles use).
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant.quant_type,
+                                   bnb_4bit_use_double_quant=method.quant.double_quant,
                                    bnb_4bit_compute_dtype=torch.float16)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                      attn_implementation="eager", device_map={"": 0})
         model = get_peft_model(prepare_model_for_kbit_training(model), lora)
-        return model, (None, None), "paged_adamw_8bit"
+        return model, (None, None), method.optimizer
     if kind == "lora":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
         model.enable_input_require_grads()
-        return get_peft_model(model, lora), (None, None), "adamw_torch"
+        return get_peft_model(model, lora), (None, None), method.optimizer
     if kind == "galore":
         from galore_torch import GaLoreAdamW
 
@@ -90,7 +97,9 @@ def _reference_model(kind: str, path: str, method):
         plain = ("bias", "norm", "ln")
         projected = [p for n, p in model.named_parameters() if not any(k in n for k in plain)]
         rest = [p for n, p in model.named_parameters() if any(k in n for k in plain)]
-        groups = [{"params": projected, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-                   "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
+        settings = method.galore
+        groups = [{"params": projected, "rank": settings.rank, "update_proj_gap": settings.update_proj_gap,
+                   "scale": settings.scale, "proj_type": settings.proj_type, "weight_decay": method.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
         return model, (GaLoreAdamW(groups, lr=method.lr, no_deprecation_warning=True), None), "adamw_torch"
     raise UserError(f"no reference recipe for method '{kind}' (qlora, lora, galore)")

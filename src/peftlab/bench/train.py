@@ -14,12 +14,13 @@ from peftlab.bench.plots import plot_loss_curves, plot_speed_and_memory
 from peftlab.bench.worker import run_in_subprocess
 from peftlab.bench.workload import (
     HYBRID_STAGES,
+    METHODS,
     PROFILES,
-    STUDY_HYPERPARAMETERS,
     BenchSpec,
     default_sources,
     flops_per_token,
     peak_flops,
+    study_hyperparameters,
     workload_config,
 )
 from peftlab.errors import UserError
@@ -38,7 +39,7 @@ def run_settings(spec: BenchSpec) -> dict[str, Any]:
     """The resolved method settings a run trains with (JSON-normalised), so `--resume` never keeps a run
     whose profile has changed since."""
     if spec.profile == "reference":
-        return {"reference": STUDY_HYPERPARAMETERS.get(spec.method, {})}
+        return {"reference": study_hyperparameters(spec.method)}
     methods = workload_config(spec).methods
     if spec.method == "hybrid":  # what its stages train with
         return json.loads(json.dumps({name: asdict(methods[name]) for name in (*HYBRID_STAGES, "hybrid")},
@@ -66,6 +67,8 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
         "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
         "loss_curve": metrics.get("loss_curve", []),
         "settings": run_settings(spec),
+        # How `peftlab train` ran it (peftlab.train.execution); the reference has none.
+        "execution": metrics.get("execution"),
     }
     row["steady_tokens_per_s"] = steady_tokens_per_s(row)
     return row
@@ -121,9 +124,9 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
     from peftlab.rundir import hardware, package_versions
 
     for method in methods:
-        if method not in STUDY_HYPERPARAMETERS and method != "hybrid":
+        if method not in METHODS and method != "hybrid":
             raise UserError(f"bench train --methods: unknown method '{method}'"
-                            f" (known: {', '.join([*STUDY_HYPERPARAMETERS, 'hybrid'])})")
+                            f" (known: {', '.join([*METHODS, 'hybrid'])})")
     for profile in profiles:
         if profile not in PROFILES:
             raise UserError(f"bench train --profiles: unknown profile '{profile}' (known: {', '.join(PROFILES)})")

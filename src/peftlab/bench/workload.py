@@ -6,15 +6,22 @@ Gemma 3 tokenizer, `rows_per_source` real rows per source (seed 42), loss on all
 reference does, an effective batch of 16 rows per optimizer step. Each run is a fresh process
 (`peftlab.bench.worker`) so peak-memory counters never mix.
 
-Profiles of ours (all with the study's hyperparameters and effective batch):
-- `fast`: 16 rows per micro-batch, no activation checkpointing, length-grouped batches, vocabulary
-  logits 1,024 tokens at a time.
+Every run trains with the study's recipe as `configs/seed.yaml` states it (its `train:` and
+`methods.<m>:` settings: learning rates, clipping, optimizer, LoRA / GaLore / quantisation settings,
+warmup, schedule, 16 rows per optimizer step); the workload sets one epoch, `max_steps`, loss on all
+tokens and no checkpoints. (`lora` and `full` are not seed methods: `lora` is QLoRA's settings on a
+bf16 base with AdamW; `full` is GaLore's with AdamW at lr 1e-5.) Profiles of ours:
+- `default`: nothing else: `peftlab train`'s own execution choice for the device
+  (`peftlab.train.execution`), at the study's max_seq_length 2048. This is what a study runs.
+- `fast`: the earlier hand-set levers, padded: 16 rows per micro-batch, no activation checkpointing,
+  length-grouped batches, vocabulary logits 1,024 tokens at a time, SDPA.
 - `fast-liger` (GPU): `fast` plus liger-kernel's fused RMSNorm, GeGLU and RoPE.
 - `fast-compile`: `fast` with every decoder layer compiled (`torch_compile`; the first steps compile).
 - `lowmem`: the study's max_seq_length 2048 and effective batch 16; each 16-row batch runs as
-  micro-batches of at most 2,048 padded tokens (the memory of one full-length row, several short
-  rows at once), checkpointing, vocabulary logits 32 tokens at a time; GaLore with 8-bit Adam states,
-  gradients summed at rank r (`galore.accumulate: projected`) and the tied embedding projected too.
+  forwards of at most 2,048 tokens (the memory of one full-length row, several short rows at once),
+  checkpointing, vocabulary logits 32 tokens at a time, no dequantized QLoRA copies; GaLore with 8-bit
+  Adam states, gradients summed at rank r (`galore.accumulate: projected`) and the tied embedding
+  projected too.
 - `reference` (`--reference`): the study's TRL `SFTTrainer` recipe (`peftlab.bench.reference`).
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s, with FLOPs per token = 6N (full weights
@@ -25,23 +32,22 @@ embedding as the output projection); checkpointing's recomputation is not counte
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 # Dense bf16 peak of the GPU the bench runs on; H100/H200 SXM spec sheet value.
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
-STUDY_HYPERPARAMETERS = {
-    "qlora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "paged_adamw_8bit"},
-    "lora": {"lr": 2e-4, "max_grad_norm": 0.3, "optimizer": "adamw_torch"},
-    "galore": {"lr": 1e-4, "max_grad_norm": 1.0},
-    "full": {"lr": 1e-5, "max_grad_norm": 1.0, "optimizer": "adamw_torch"},
-}
-PROFILES = {
+METHODS = ("qlora", "lora", "galore", "full")
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {"max_seq_length": 2048},
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
-             "loss_chunk_tokens": 1024},
+             "loss_chunk_tokens": 1024, "padding_free": False, "attention": "sdpa", "dequantized_base": False},
     "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
-               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048},
+               "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048, "dequantized_base": False},
 }
 # The report's sequential hybrid: QLoRA -> merge into the bf16 base -> GaLore; the bench times each stage.
 HYBRID_STAGES = ("qlora", "galore")
@@ -50,9 +56,40 @@ PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
 # rank r (no full gradient set), and projects the tied embedding too, as the reference recipe does (its
 # full-rank Adam states alone would be 0.56 GiB). (QLoRA's 4-bit matmuls compute in bf16 in every
-# profile: `quant.compute_dtype`'s default.)
+# profile: the seed's `quant.compute_dtype`.)
 METHOD_PROFILE = {("galore", "lowmem"): {"galore": {"variant": "adamw8bit", "accumulate": "projected",
                                                     "targets": ["attn", "mlp", "embed_tokens"]}}}
+# The workload's own settings over the seed's: one epoch, loss on all tokens as the reference trains, no checkpoints.
+WORKLOAD_SETTINGS = {"epochs": 1, "loss_on": "all", "save_steps": 10**6}
+
+
+@functools.cache
+def _seed_yaml() -> dict[str, Any]:
+    from peftlab.config import BUILTIN_CONFIG_DIR
+
+    return yaml.safe_load((BUILTIN_CONFIG_DIR / "seed.yaml").read_text(encoding="utf-8"))
+
+
+def seed_method(kind: str) -> dict[str, Any]:
+    """The study's settings for `kind` as configs/seed.yaml states them (`train:` merged with
+    `methods.<kind>:`); `lora` and `full` are derived (see the module docstring)."""
+    from peftlab.config import _merge
+
+    raw = _seed_yaml()
+    source = {"qlora": "qlora", "lora": "qlora", "galore": "galore", "full": "galore"}[kind]
+    method = _merge(raw.get("train") or {}, raw["methods"][source])
+    if kind == "lora":
+        method = {**{k: v for k, v in method.items() if k != "quant"}, "kind": "lora", "optimizer": "adamw_torch"}
+    elif kind == "full":
+        method = {**{k: v for k, v in method.items() if k != "galore"}, "kind": "full", "lr": 1e-5,
+                  "optimizer": "adamw_torch"}
+    return method
+
+
+def study_hyperparameters(kind: str) -> dict[str, Any]:
+    """The seed's learning rate, clipping and optimizer for `kind` (what the reference recipe trains with)."""
+    method = seed_method(kind)
+    return {key: method[key] for key in ("lr", "max_grad_norm", "optimizer") if key in method}
 
 
 # Rows sampled beyond `rows_per_source` so the few unusable rows (empty outputs) can be replaced.
@@ -87,15 +124,10 @@ def default_sources(data_dir: str | None) -> list[dict[str, str]]:
 
 
 def method_settings(kind: str, spec: BenchSpec, profile: dict[str, Any]) -> dict[str, Any]:
-    """One method's settings on the workload: the study's hyperparameters, the profile's levers, overrides."""
+    """One method's settings on the workload: the seed's, the workload's, the profile's levers, overrides."""
     from peftlab.config import apply_override
 
-    method = {"kind": kind, "epochs": 1, "max_steps": spec.max_steps, "warmup_steps": 100,
-              "weight_decay": 0.01, "scheduler": "cosine", "seed": 42, "loss_on": "all", "save_steps": 10**6,
-              **STUDY_HYPERPARAMETERS[kind], **profile}
-    if kind == "galore":
-        method["galore"] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-                            "targets": ["attn", "mlp"]}
+    method = {**seed_method(kind), **WORKLOAD_SETTINGS, "max_steps": spec.max_steps, **profile}
     for key, value in METHOD_PROFILE.get((kind, spec.profile), {}).items():
         method[key] = {**method.get(key, {}), **value}
     for item in spec.overrides:
@@ -122,8 +154,7 @@ def workload_config(spec: BenchSpec):
         "name": "bench",
         "data": {"seed": 42, "train_per_source": rows, "test_per_source": 0, "train_buffer": rows + ROW_SLACK,
                  "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
-        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "attn_implementation": "sdpa",
-                  "liger_kernel": liger},
+        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "liger_kernel": liger},
         "methods": methods,
     }
     return config_from_dict(raw, source="bench workload")

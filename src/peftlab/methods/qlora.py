@@ -3,6 +3,8 @@ paged 8-bit AdamW; only the adapters train (report section 5, Appendix A)."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 from peft import get_peft_model
 from transformers import BitsAndBytesConfig
@@ -40,6 +42,34 @@ def freeze_base(model, gradient_checkpointing: bool):
     return model
 
 
+def keep_dequantized_weights(model) -> int:
+    """`dequantized_base`: give every bitsandbytes 4-bit linear layer a copy of its weight dequantized
+    once to its compute dtype, and a forward that multiplies by that copy.
+
+    bitsandbytes' training matmul computes `linear(x.to(compute), dequantize_4bit(W).to(compute))`
+    (for more than a few rows; the fused small-batch kernel serves inference), so the numbers are the
+    same (tested bitwise against bitsandbytes' forward and backward), minus one dequantize kernel per
+    layer and pass. The copy is a plain attribute: not a parameter, not saved, not trained. Returns
+    the number of layers given a copy."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "dequantized_weight"):
+            state = module.weight.quant_state
+            dtype = module.compute_dtype or state.dtype
+            module.dequantized_weight = bnb.functional.dequantize_4bit(module.weight.data, state).to(dtype)
+            module.forward = types.MethodType(_dequantized_forward, module)
+            count += 1
+    return count
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self.dequantized_weight
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
 def build(ctx: BuildContext) -> Recipe:
     try:
         import bitsandbytes  # noqa: F401
@@ -56,5 +86,7 @@ def build(ctx: BuildContext) -> Recipe:
     # (on CPU its paged AdamW warns and runs as the plain 8-bit one).
     auto = "adamw_torch" if ctx.fsdp else ("paged_adamw_8bit" if ctx.device == "cuda" else "adamw_8bit")
     optim = auto if ctx.method.optimizer == "auto" else ctx.method.optimizer
-    return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim,
-                  notes={"compute_dtype": str(compute).removeprefix("torch.")})
+    notes = {"compute_dtype": str(compute).removeprefix("torch.")}
+    if ctx.method.dequantized_base:
+        notes["dequantized_layers"] = keep_dequantized_weights(model)
+    return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim, notes=notes)

@@ -193,6 +193,23 @@ def _gpu_cell(metrics: dict[str, Any], key: str) -> str:
     return "n/a (CPU)" if str(metrics.get("device", "cpu")).startswith("cpu") else fmt.MISSING
 
 
+def _execution_cell(metrics: dict[str, Any]) -> str:
+    """A short account of the execution that ran (peftlab.train.execution), e.g. `fast · padding-free ·
+    varlen`; a hybrid: its stages'."""
+    execution = metrics.get("execution")
+    if not isinstance(execution, dict):
+        stages = [s.get("execution") for s in metrics.get("stages") or [] if isinstance(s, dict)]
+        described = [_execution_cell(s) for s in stages if isinstance(s, dict)]
+        return " / ".join(dict.fromkeys(described)) if described else fmt.MISSING
+    parts = [str(execution.get("mode", "?")).replace("_", " ")]
+    if execution.get("padding_free"):
+        parts.append("padding-free")
+    parts.append(str(execution.get("attention", "?")))
+    if execution.get("gradient_checkpointing"):
+        parts.append("checkpointing")
+    return " · ".join(parts)
+
+
 def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
     speed = generation_speed_table(run, colors)
     if not run.trained:
@@ -205,6 +222,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
             [
                 _model_cell(method, colors),
                 run.kind(method) or fmt.MISSING,
+                _execution_cell(m),
                 _gpu_cell(m, "peak_gpu_alloc_gib"),
                 _gpu_cell(m, "peak_gpu_reserved_gib"),
                 fmt.gib(m.get("peak_rss_gib")),
@@ -219,6 +237,7 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
     headers = [
         "Model",
         "Kind",
+        "Execution",
         "Peak GPU alloc (GiB)",
         "Peak GPU reserved (GiB)",
         "Peak RSS (GiB)",
@@ -238,7 +257,9 @@ def resource_blocks(run: RunData, colors: Colors) -> list[Any]:
         notes.append(
             f"{fmt.join_names(untrained)}: no training run of {'their' if len(untrained) > 1 else 'its'} own."
         )
-    table = Table(headers, rows, "llrrrrrrrrr", notes=notes)
+    notes.append("Execution: how peftlab ran each step (train/<method>/metrics.json `execution`); the recipe"
+                 " (rows per step, learning rate, schedule, loss) is the config's.")
+    table = Table(headers, rows, "lllrrrrrrrrr", notes=notes)
     if run.cpu_only:
         notes[0] = "GiB = 2³⁰ bytes. No GPU in this run: memory is the training process's peak RSS."
     blocks: list[Any] = [_without_gpu_columns(table) if run.cpu_only else table]

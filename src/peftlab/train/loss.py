@@ -97,8 +97,8 @@ def enable_target_token_forward(causal_lm) -> None:
     def forward(*args, target_tokens: TargetTokens | None = None, **kwargs):
         if target_tokens is None:
             return original(*args, **kwargs)
-        hidden = causal_lm.get_decoder()(input_ids=kwargs["input_ids"],
-                                          attention_mask=kwargs["attention_mask"]).last_hidden_state
+        decoder_inputs = {key: value for key, value in kwargs.items() if key not in ("labels", "use_cache")}
+        hidden = causal_lm.get_decoder()(**decoder_inputs).last_hidden_state
         loss = target_token_mean(causal_lm, hidden, target_tokens.labels, target_tokens.count, target_tokens.scale,
                                  target_tokens.chunk, sharded=True)
         target_tokens.value = loss.detach()
@@ -108,8 +108,9 @@ def enable_target_token_forward(causal_lm) -> None:
     causal_lm._target_token_forward = True
 
 
-def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's final-norm output, i.e. what the vocabulary projection reads.
+def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+    """The decoder's final-norm output, i.e. what the vocabulary projection reads. `inputs`: the
+    attention inputs (`attention_mask`; padding-free batches: `position_ids`, masks or row bounds).
 
     A single process calls the decoder directly. Under DistributedDataParallel the call must go
     through the wrapper (its forward arms the gradient all-reduce), so the model runs with its head
@@ -117,11 +118,11 @@ def final_hidden_states(model, causal_lm, input_ids: torch.Tensor, attention_mas
     """
     decoder = causal_lm.get_decoder()
     if getattr(model, "module", None) is None or not hasattr(decoder, "norm"):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return decoder(input_ids=input_ids, **inputs).last_hidden_state
     captured: list[torch.Tensor] = []
     handle = decoder.norm.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        model(input_ids=input_ids, logits_to_keep=1, use_cache=False, **inputs)
     finally:
         handle.remove()
     return captured[-1]

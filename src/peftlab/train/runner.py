@@ -1,4 +1,4 @@
-"""Train one method: checks -> data -> recipe -> trainer -> train -> save -> metrics.
+"""Train one method: checks -> data -> execution -> recipe -> trainer -> train -> save -> metrics.
 
 Writes `train/<method>/`: `checkpoints/` (for --resume; removed once the run is done unless
 `keep_checkpoints`), `final/` (adapters or full weights, HF format, safetensors), `loss.csv`, and
@@ -12,7 +12,7 @@ import csv
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,10 @@ from peftlab.train.checkpoints import (
     prepare_output,
     remove_checkpoints,
 )
+from peftlab.train.execution import choose_execution, explicit_keys
 from peftlab.train.launch import check_launch
 from peftlab.train.meter import StepTimes, measure, release_memory
+from peftlab.train.packing import PackedCollator, load_name
 from peftlab.train.segments import RunSegments, prior_segments
 from peftlab.train.trainer import (
     StopAfter,
@@ -93,10 +95,18 @@ def train_method(
     dataset = TokenizedRows(read_split(run_dir, "train"), method.loss_on)
     data_seconds = time.perf_counter() - started
 
+    # Execution: how the recipe's steps run on this device (the recipe itself is unchanged)
+    recipe_config = method
+    execution = choose_execution(method, explicit_keys(method), device=device, gpu_memory_gib=_gpu_memory_gib(device),
+                                 model=config.model, shape=_model_shape(config, source, device),
+                                 max_seq_length=config.data.max_seq_length, world=world, fsdp=fsdp)
+    method = execution.method
+    model_config = replace(config.model, attn_implementation=load_name(execution.attention))
+
     # Recipe: the model, which parameters train, and their optimizer
     started = time.perf_counter()
     torch.manual_seed(method.seed)
-    recipe = build(method.kind)(BuildContext(config.model, method, device, dtype, source, fsdp))
+    recipe = build(method.kind)(BuildContext(model_config, method, device, dtype, source, fsdp))
     if method.torch_compile:
         recipe.notes["compiled_layers"] = compile_decoder_layers(recipe.model)
     load_seconds = time.perf_counter() - started
@@ -127,7 +137,7 @@ def train_method(
         model=recipe.model,
         args=args,
         train_dataset=dataset,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackedCollator() if method.padding_free else PadCollator(tokenizer.pad_token_id),
         optimizers=(recipe.optimizer, None),
         callbacks=[step_times, segments, TrainingProgress(name), *([StopAfter(stop_after)] if stop_after else []),
                    *(callbacks or [])],
@@ -135,6 +145,9 @@ def train_method(
         micro_batch_tokens=method.micro_batch_tokens,
         galore_projection=recipe.galore_projection,
         segments=segments,
+        pad_tokens_to_multiple_of=method.pad_tokens_to_multiple_of,
+        pad_id=tokenizer.pad_token_id,
+        host_token_count=method.avoid_host_syncs,
     )
 
     # Train (checkpoint writes are timed apart: see peftlab.train.segments)
@@ -204,7 +217,8 @@ def train_method(
         "train_loss_mean": sum(e["loss"] for e in losses) / len(losses) if losses else result.training_loss,
         "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in losses],
         "rows": len(dataset),
-        "method_config": asdict(method),
+        "method_config": asdict(recipe_config),
+        "execution": execution.described,
         "notes": recipe.notes,
         "versions": package_versions(),
     }
@@ -216,6 +230,25 @@ def train_method(
     if world > 1:
         torch.distributed.barrier()
     return metrics
+
+
+def _gpu_memory_gib(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def _model_shape(config: StudyConfig, source: str | None, device: str) -> dict[str, Any] | None:
+    """The model's text config as a dict (for the execution's memory estimate; GPU only)."""
+    if device != "cuda":
+        return None
+    from transformers import AutoConfig
+
+    from peftlab.models import model_dir
+
+    path = source or model_dir(config.model)[0]
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
+    return getattr(loaded, "text_config", loaded).to_dict()
 
 
 def _save_final(out: Path, model, tokenizer, gathered: Path | None) -> None:

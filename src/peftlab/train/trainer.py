@@ -21,6 +21,7 @@ from peftlab.train.loss import (
     final_hidden_states,
     target_token_mean,
 )
+from peftlab.train.packing import attention_inputs, is_packed, packed_slices, pad_to_multiple, select_rows
 from peftlab.train.segments import RunSegments
 
 
@@ -35,13 +36,20 @@ class TargetTokenTrainer(Trainer):
     """
 
     def __init__(self, *args, loss_chunk_tokens: int = 256, micro_batch_tokens: int | None = None,
-                 galore_projection: str | None = None, segments: RunSegments | None = None, **kwargs) -> None:
+                 galore_projection: str | None = None, segments: RunSegments | None = None,
+                 pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, host_token_count: bool = False,
+                 **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
-        `micro_batch_tokens`: split each micro-batch into slices of at most this many padded tokens.
+        `micro_batch_tokens`: split each micro-batch into slices of at most this many tokens (padded
+        tokens, rows x longest, for padded batches; real tokens for padding-free ones).
         `galore_projection`: a GaLore recipe's `galore.projection`; the per-weight optimizers that
         transformers builds (layer-wise) get its projectors, and a resumed optimizer's are restored.
         `segments`: times each checkpoint write and stores the run's segment records in it (pass it
-        among the callbacks too)."""
+        among the callbacks too).
+
+        `pad_tokens_to_multiple_of` / `pad_id`: padding-free forwards padded to a multiple of tokens.
+        `host_token_count`: count a padding-free batch's tokens from its host-side row lengths (one
+        process: no device-to-host sync per micro-batch)."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)
@@ -49,6 +57,9 @@ class TargetTokenTrainer(Trainer):
         self.loss_chunk_tokens = loss_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self.galore_projection = galore_projection
+        self.pad_tokens_to_multiple_of = pad_tokens_to_multiple_of
+        self.pad_id = pad_id
+        self.host_token_count = host_token_count
         self.tokens_seen: torch.Tensor | None = None
         self._batch_targets: torch.Tensor | None = None
         if self.is_fsdp_enabled:
@@ -80,24 +91,38 @@ class TargetTokenTrainer(Trainer):
         with self.segments.timing_save():
             return super()._save_checkpoint(model, trial)
 
+    def _track_num_input_tokens(self, inputs):
+        if not (is_packed(inputs) and self.args.include_num_input_tokens_seen != "no"):
+            return super()._track_num_input_tokens(inputs)
+        tokens = sum(inputs["row_lengths"])
+        if self.args.world_size > 1 or not self.host_token_count:
+            tokens = int(self.accelerator.gather(torch.tensor(tokens, device=self.args.device)).sum().item())
+        self.state.num_input_tokens_seen += tokens
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.micro_batch_tokens is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
-        if len(slices) == 1:
+        if is_packed(inputs):
+            spans = packed_slices(inputs["row_lengths"], self.micro_batch_tokens)
+            parts = [lambda span=span: select_rows(inputs, *span) for span in spans]
+        else:
+            slices = token_budget_slices(inputs["attention_mask"], self.micro_batch_tokens)
+            shape = inputs["attention_mask"].shape
+            parts = [lambda rows=rows, length=length: {
+                key: value[rows, :length] if torch.is_tensor(value) and value.shape[:2] == shape else value
+                for key, value in inputs.items()} for rows, length in slices]
+        if len(parts) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:
             # Each slice's loss is divided by the whole batch's target count, not its own (see compute_loss).
             self._batch_targets = (inputs["labels"][:, 1:] != -100).sum()
-        shape = inputs["attention_mask"].shape
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         total = None
         try:
-            for index, (rows, length) in enumerate(slices):
-                part = {key: value[rows, :length] if torch.is_tensor(value) and value.shape[:2] == shape else value
-                        for key, value in inputs.items()}
+            for index, make_part in enumerate(parts):
+                part = make_part()
                 # DDP: all-reduce the gradients once, on the batch's last slice.
-                last = index == len(slices) - 1
+                last = index == len(parts) - 1
                 sync = contextlib.nullcontext() if last or deepspeed or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     loss = super().training_step(model, part, num_items_in_batch)
@@ -114,8 +139,15 @@ class TargetTokenTrainer(Trainer):
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        seen = inputs["attention_mask"].sum()
-        self.tokens_seen = seen if self.tokens_seen is None else self.tokens_seen + seen
+        packed = is_packed(inputs)
+        seen = sum(inputs["row_lengths"]) if packed else inputs["attention_mask"].sum()
+        self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
+        causal_lm = base_model(model)
+        if packed:
+            inputs = pad_to_multiple(inputs, self.pad_tokens_to_multiple_of, self.pad_id)
+            forward = {"position_ids": inputs["position_ids"], **attention_inputs(causal_lm.config, inputs)}
+        else:
+            forward = {"attention_mask": inputs["attention_mask"]}
         labels = inputs["labels"]
         if num_items_in_batch is not None:
             count = num_items_in_batch
@@ -124,14 +156,12 @@ class TargetTokenTrainer(Trainer):
         # `count` is the token count of all ranks, and DDP / FSDP average gradients over ranks.
         scale = (self.accelerator.num_processes
                  if num_items_in_batch is not None and self.args.average_tokens_across_devices else None)
-        causal_lm = base_model(model)
         if self.is_fsdp_enabled:
             # Sharded weights exist whole only inside the wrapped forward: the loss is computed there
             # (`enable_target_token_forward`), through the root so that FSDP gathers them.
             request = TargetTokens(labels, count, scale, self.loss_chunk_tokens)
             with self.accelerator.autocast():
-                returned = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                 target_tokens=request).loss
+                returned = model(input_ids=inputs["input_ids"], target_tokens=request, **forward).loss
             loss = returned.float()
             if returned.dtype != torch.float32:
                 # FSDP's mixed-precision policy cast the returned loss to bf16: restore the fp32 value;
@@ -140,7 +170,7 @@ class TargetTokenTrainer(Trainer):
             return (loss, None) if return_outputs else loss
         # accelerate's mixed precision wraps only the top-level forward, which a single process skips.
         with self.accelerator.autocast():
-            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], **forward)
         loss = target_token_mean(causal_lm, hidden, labels, count, scale, self.loss_chunk_tokens)
         return (loss, None) if return_outputs else loss
 
@@ -205,6 +235,7 @@ class StopAfter(TrainerCallback):
 
 def training_arguments(method: MethodConfig, out: Path, device: str, dtype, recipe: Recipe,
                        fsdp: bool = False) -> TrainingArguments:
+    # `method` is the resolved execution's (peftlab.train.execution): its batch split, checkpointing.
     """The Trainer's arguments for one method: its hyperparameters, checkpoints under `out`, the device's
     precision, and (with `fsdp`) sharding of every decoder layer."""
     extra: dict[str, Any] = {}
@@ -246,6 +277,8 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
         disable_tqdm=True,  # our bar instead (TrainingProgress)
+        # The NaN check of every micro-batch's loss reads it on the host (a sync per micro-batch).
+        logging_nan_inf_filter=not method.avoid_host_syncs,
         **extra,
     )
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 20 on one GPU in ONE device call (at most 600 s), from the repository root, .carry carried
+# (scripts/build_carry.sh): wheels, tokenizer, samples.
+#   bash benchmarks/gpu_fast_default.sh SAMPLES_DIR [TOKENIZER_DIR]     # e.g. /tmp/samples /tmp/tok
+# In this order, each under the remaining time, each writing its JSON as it goes (a cut keeps what finished):
+#   (a) $OUT/bench.json      `peftlab bench train --reference --methods qlora,galore --profiles default,lowmem`
+#                            (reference, default and lowmem rows of one file, same GPU; 12 optimizer steps each)
+#   (b) $OUT/attention.json  padding-free attention kernels with the sliding window (benchmarks/attention_varlen.py)
+#   (c) $OUT/study.json      a whole `peftlab study` of the seed-shaped rehearsal, each stage timed
+#                            (benchmarks/study_rehearsal.py), and $OUT/seed-estimate.json: the full seed
+#                            study's time on this GPU derived from it (benchmarks/estimate_seed_study.py)
+# Logs: $OUT/run.log. A cut bench resumes: copy $OUT/bench.json to .carry/bench-partial.json, run again.
+set -u
+SAMPLES=${1:?usage: bash benchmarks/gpu_fast_default.sh SAMPLES_DIR [TOKENIZER_DIR]}
+[ -f scripts/device_env.sh ] && source scripts/device_env.sh >/dev/null
+TOK=${2:-/tmp/tok}
+[ -d "$TOK" ] || TOK=builtin:gemma-3-270m
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+deadline=$((SECONDS + ${BUDGET_S:-575}))
+left() { echo $((deadline - SECONDS)); }
+log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee -a "$OUT/run.log"
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/run.log"
+
+# (a) the bench: leave ~230 s for (b) and (c)
+resume=()
+if [ -f .carry/bench-partial.json ]; then cp .carry/bench-partial.json "$OUT/bench.json"; resume=(--resume); fi
+log "(a) bench: $(( $(left) - 230 )) s"
+timeout $(( $(left) - 230 )) python -m peftlab bench train --reference --methods qlora,galore \
+  --profiles default,lowmem --max-steps "${BENCH_STEPS:-12}" --data "$SAMPLES" --tokenizer "$TOK" \
+  --out "$OUT/bench.json" "${resume[@]}" >> "$OUT/run.log" 2>&1
+log "(a) bench rc=$? (124: cut; the finished runs are in bench.json)"
+
+# (b) the attention kernels: at most 60 s
+log "(b) attention kernels"
+timeout $(( $(left) < 60 ? $(left) : 60 )) python benchmarks/attention_varlen.py --out "$OUT/attention.json" \
+  >> "$OUT/run.log" 2>&1
+log "(b) attention rc=$?"
+
+# (c) the rehearsal study, then the seed study's estimate (needs ~5 s)
+log "(c) rehearsal study: $(( $(left) - 10 )) s"
+rm -rf /tmp/rehearsal
+timeout $(( $(left) - 10 )) python benchmarks/study_rehearsal.py "$SAMPLES" --tokenizer "$TOK" \
+  --run-dir /tmp/rehearsal --out "$OUT/study.json" >> "$OUT/run.log" 2>&1
+log "(c) study rc=$?"
+[ -f "$OUT/study.json" ] && python benchmarks/estimate_seed_study.py "$OUT/study.json" \
+  --out "$OUT/seed-estimate.json" > /dev/null 2>> "$OUT/run.log"
+log "done; $(left) s left"
+grep -v "it/s\]\|s/it\]\|Loading weights" "$OUT/run.log" | tail -40
