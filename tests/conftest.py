@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real samples (skipped when ../shared is absent) and the Gemma tokenizer."""
+"""Shared fixtures: paths to the real samples (skipped when ../shared is absent), the Gemma tokenizer,
+and small offline tokenizers with other families' chat templates (tests/chat_tokenizers.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,32 @@ def gemma_tokenizer():
     from peftlab.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path="builtin:gemma-3-270m"))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """`chat_tokenizer_dir(family)`: a folder holding the offline tokenizer of `family` (gemma3, chatml,
+    llama3, chatml-generation), for `model.tokenizer: <folder>`; each is built once per session."""
+    from chat_tokenizers import save_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    made: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tokenizer(family, root / family)
+        return made[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(chat_tokenizer_dir):
+    """`chat_tokenizer(family)`: that offline tokenizer loaded as peftlab loads `model.tokenizer`."""
+    from peftlab.config import ModelConfig
+    from peftlab.models import load_tokenizer
+
+    return lambda family: load_tokenizer(ModelConfig(name_or_path=str(chat_tokenizer_dir(family))))
 
 
 @pytest.fixture()

@@ -104,8 +104,8 @@ class ChatTemplate:
         text = self._apply(probe, f"{self.source} (probing a user/assistant exchange)")
         answer = probe[-1]["content"]
         if answer not in text:
-            raise UserError(f"the chat template of {self.source} does not render the assistant's answer; peftlab"
-                            " cannot place the assistant tokens")
+            raise UserError(f"the chat template of {self.source} does not render an assistant's answer verbatim (it"
+                            " drops or rewrites it); peftlab cannot place the assistant tokens")
         after = text[text.index(answer) + len(answer):]
         encoding = self.tokenizer(after, add_special_tokens=False, return_offsets_mapping=True)
         for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
@@ -254,6 +254,10 @@ class ChatTemplate:
         ids, offsets = list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
         if not any(i in self.control_ids and _overlaps(o, content_spans) for i, o in zip(ids, offsets, strict=True)):
             return ids, offsets
+        return self.encode_segmented(text, content_spans)
+
+    def encode_segmented(self, text: str, content_spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` for a text whose contents hold control-token text (the same ids as the plain call otherwise)."""
         controls = self._template_controls(text, content_spans)
         ids, offsets, cursor = [], [], 0
         for start, end, token_id in [*controls, (len(text), len(text), None)]:
