@@ -1,8 +1,10 @@
 """Evaluate one model (`base`, a trained method, or `ensemble`) on the test split.
 
 Writes `eval/<name>/predictions.jsonl` (id, source_dataset, prompt, reference, prediction,
-generated token count) and `metrics.json` (scores with bootstrap CIs, per source, generation
-speed; for the ensemble the chosen alpha and its validation scores) into an atomic folder.
+generated token count, the last user message and the number of user turns) and `metrics.json`
+(scores with bootstrap CIs, per source, generation speed and the decoder that ran: `static`, or
+`generate` with `decoder_fallback` saying why when the static decoder does not support the
+architecture; for the ensemble the chosen alpha and its validation scores) into an atomic folder.
 """
 
 from __future__ import annotations
