@@ -1,4 +1,5 @@
-"""Shared fixtures: the real dataset samples (skipped when absent) and the Gemma tokenizer.
+"""Shared fixtures: the real dataset samples (skipped when absent), the Gemma tokenizer, and small
+offline tokenizers with other families' chat templates (tests/chat_tokenizers.py).
 
 The samples are local copies of Alpaca, Tulu v2 and UltraChat rows that the repository does not ship:
 `PEFTLAB_SAMPLES` names their folder (default: `shared/data/seeds-samples` beside the checkout).
@@ -48,3 +49,36 @@ def gemma_tokenizer():
     from peftlab.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path="builtin:gemma-3-270m"))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """`chat_tokenizer_dir(family)`: a folder holding the offline tokenizer of `family` (gemma3, chatml,
+    llama3, chatml-generation), for `model.tokenizer: <folder>`; each is built once per session."""
+    from chat_tokenizers import save_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    made: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tokenizer(family, root / family)
+        return made[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(chat_tokenizer_dir):
+    """`chat_tokenizer(family)`: that offline tokenizer loaded as peftlab loads `model.tokenizer`."""
+    from peftlab.config import ModelConfig
+    from peftlab.models import load_tokenizer
+
+    return lambda family: load_tokenizer(ModelConfig(name_or_path=str(chat_tokenizer_dir(family))))
+
+
+@pytest.fixture()
+def in_repo(monkeypatch):
+    """Run from the repository root, where the shipped configs' relative paths point."""
+    monkeypatch.chdir(REPO)
+    return REPO

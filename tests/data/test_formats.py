@@ -18,16 +18,35 @@ def test_alpaca_joins_instruction_and_input():
     assert convert_row(row, "alpaca", "f row 0")[0]["content"] == "Summarise"
 
 
-def test_tulu_system_is_prepended_to_the_first_user_turn_and_roles_normalised():
+def test_a_leading_system_prompt_stays_a_system_message_and_roles_are_normalised():
     row = {"messages": [
         {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use English."},
         {"role": "human", "content": "Hi"},
         {"role": "gpt", "content": "Hello"},
     ]}
     assert convert_row(row, "tulu", "w") == [
-        {"role": "user", "content": "Be brief.\n\nHi"},
+        {"role": "system", "content": "Be brief.\n\nUse English."},
+        {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"},
     ]
+
+
+def test_a_later_system_message_is_prepended_to_the_next_user_turn():
+    row = {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "system", "content": "Now be brief."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Because."},
+    ]}
+    assert [m["content"] for m in convert_row(row, "tulu", "w")] == [
+        "Hi", "Hello", "Now be brief.\n\nWhy?", "Because."]
+
+
+def test_a_system_prompt_before_an_unanswered_user_turn_is_dropped():
+    with pytest.raises(Dropped, match="not_ending_with_assistant"):
+        convert_row({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "tulu", "w")
 
 
 def test_sharegpt_uses_from_and_value():

@@ -175,3 +175,63 @@ def test_chunked_prefill_decodes_the_same_tokens(tiny_model, gemma_tokenizer, ch
     chunked = generate_token_ids(static_greedy(tiny_model, gemma_tokenizer, 40, prefill_chunk_tokens=chunk_tokens),
                                  encoded, pad, [], 4, "cpu")
     assert chunked == whole
+
+
+# -- other architectures --------------------------------------------------------------------------
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+            vocab_size=512, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+def tiny_random(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **extra})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+class _Ids:
+    """What the decoders read from a tokenizer: pad and EOS (no chat template: EOS is the only stop)."""
+
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+
+@pytest.mark.parametrize(("model_type", "extra"), [
+    ("llama", {"head_dim": 16}), ("mistral", {"sliding_window": None}), ("qwen2", {}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    ("qwen3", {"head_dim": 16}), ("phi3", {}),
+])
+def test_static_decoder_matches_generate_for_every_checked_architecture(model_type, extra):
+    model = tiny_random(model_type, **extra)
+    assert static_decode.unsupported_reason([model]) is None
+    generator = torch.Generator().manual_seed(1)
+    encoded = [[2, *torch.randint(3, 500, (n,), generator=generator).tolist()] for n in (5, 14, 20, 9)]
+    plain = generate_token_ids(hf_greedy(model, _Ids, 24), encoded, 0, [1], 4, "cpu")
+    assert generate_token_ids(static_greedy(model, _Ids, 24), encoded, 0, [1], 4, "cpu") == plain
+    assert sum(map(len, plain)) > 40
+
+
+def test_unchecked_architectures_are_named_for_the_fallback():
+    reason = static_decode.unsupported_reason([tiny_random("gpt2", n_embd=64, n_layer=2, n_head=4)])
+    assert reason is not None and "gpt2" in reason and "generate" in reason
+    mistral = tiny_random("mistral", sliding_window=8)  # a window without per-layer types
+    assert "sliding window" in static_decode.unsupported_reason([mistral])
+
+
+def test_the_evaluator_falls_back_to_generate_and_records_why(chat_tokenizer):
+    from peftlab.evaluate.generate import EvalExample
+    from peftlab.evaluate.runner import _generate, _single_decoder
+
+    config = load_config("smoke")
+    tokenizer = chat_tokenizer("chatml")
+    gpt2 = tiny_random("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=1024)
+    decode = _single_decoder(config, gpt2, tokenizer)
+    assert decode.kind == "generate" and "gpt2" in decode.fallback
+    examples = [EvalExample("r1", "src", "p", "ref", [5, 6, 7]), EvalExample("r2", "src", "p", "ref", [8, 9])]
+    _, speed = _generate(config, decode, tokenizer, examples, "test")
+    assert speed["decoder_kind"] == "generate" and "gpt2" in speed["decoder_fallback"]
+    llama = tiny_random("llama", head_dim=16, vocab_size=1024)
+    decode = _single_decoder(config, llama, tokenizer)
+    assert decode.kind == "static" and not getattr(decode, "fallback", None)
+    assert _generate(config, decode, tokenizer, examples, "test")[1]["decoder_kind"] == "static"

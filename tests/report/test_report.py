@@ -725,3 +725,28 @@ def test_aggregate_seeds_shape() -> None:
     assert merged["per_source"]["a"]["rougeL"] == pytest.approx(0.15)
     assert merged["per_source"]["a"]["rougeL_sd"] == pytest.approx(0.05)
     assert merged["seeds"]["43"]["rougeL_ci"] == pytest.approx([0.2, 0.4])
+
+
+def test_other_templates_and_the_decoder_fallback_are_reported(tmp_path: Path) -> None:
+    """Predictions of a ChatML model: the examples show the recorded last user message (no Gemma
+    parsing), and a model decoded with `generate` because the static decoder lacks its architecture
+    says so in the generation table."""
+    run_dir = make_run(tmp_path)
+    for path in (run_dir / "eval").glob("*/predictions.jsonl"):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            row["prompt"] = f"<|im_start|>user\nChatML question {row['id']}<|im_end|>\n<|im_start|>assistant\n"
+            row["last_user"], row["user_turns"] = f"ChatML question {row['id']}", 3
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    metrics_path = run_dir / "eval" / "galore" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["generation"].update(decoder_kind="generate",
+                                 decoder_fallback="static decoder not checked for gpt2 (only llama): decoded with generate")
+    metrics_path.write_text(json.dumps(metrics))
+    build_report(run_dir)
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    resources = _section(report, "Resources")
+    galore = next(line for line in resources.splitlines() if line.startswith("| ") and "GaLore" in line
+                  and "14.4" in line)
+    assert "generate (static decoder not checked for gpt2" in galore
+    assert "ChatML question" in report and "last user turn of 3" in report and "<|im_start|>" not in report

@@ -55,8 +55,11 @@ PLAIN_BATCH = 64
 
 def workload_prompts(spec: BenchSpec, count: int) -> tuple[Any, list[str]]:
     config, run_dir = prepare_workload(spec)
+    from peftlab.models import load_tokenizer
+
     rows = read_split(run_dir, "train")[:count]
-    return config, [render_prompt(row["messages"]) for row in rows]
+    tokenizer = load_tokenizer(config.model)
+    return config, [render_prompt(row["messages"], tokenizer) for row in rows]
 
 
 def generation_prompts(data_dir: str | None, tokenizer: str, count: int, rows_per_source: int = 190,

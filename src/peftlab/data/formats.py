@@ -1,11 +1,14 @@
 """Conversion of source rows (alpaca, tulu, ultrachat, messages, sharegpt) into one conversation shape.
 
 The result is a list of `{"role": "user"|"assistant", "content": str}` turns that starts with the
-user, alternates, and ends with the assistant (report section 4, done as the report intends):
+user (after at most one leading `system` message), alternates, and ends with the assistant (report
+section 4, done as the report intends):
 
 - alpaca: `instruction` + "\\n\\nInput: " + `input` when input is non-empty; `output` is the answer.
 - tulu / messages / ultrachat / sharegpt: roles normalised (human -> user, gpt -> assistant);
-  system messages are prepended to the next user message as `system + "\\n\\n" + user`.
+  system messages before the first user message become one leading `system` message (joined by
+  "\\n\\n"; `chat.py` keeps, folds or refuses it as the tokenizer's template does); a system
+  message later in the conversation is prepended to the next user message as `system + "\\n\\n" + user`.
 
 A row that is well-formed but unusable (empty content, turns that do not alternate, a conversation
 ending on a user turn) is *dropped* and counted by reason. A row that is malformed (a missing field,
@@ -115,7 +118,10 @@ def _normalise(turns: list[Any], role_key: str, content_key: str, where: str) ->
                 pending_system.append(content)
             continue
         if role == "user" and pending_system:
-            content = "\n\n".join([*pending_system, content])
+            if messages:
+                content = "\n\n".join([*pending_system, content])
+            else:  # before the first turn: the conversation's system prompt
+                messages.append({"role": "system", "content": "\n\n".join(pending_system)})
             pending_system = []
         messages.append({"role": role, "content": content})
     if pending_system:
@@ -124,16 +130,17 @@ def _normalise(turns: list[Any], role_key: str, content_key: str, where: str) ->
 
 
 def _validate(messages: list[Message]) -> list[Message]:
-    if not messages:
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
         raise Dropped("empty_conversation")
-    if any(not m["content"] for m in messages):
+    if any(not m["content"] for m in turns):
         raise Dropped("empty_content")
-    if messages[0]["role"] != "user":
+    if turns[0]["role"] != "user":
         raise Dropped("not_starting_with_user")
-    for previous, current in itertools.pairwise(messages):
+    for previous, current in itertools.pairwise(turns):
         if previous["role"] == current["role"]:
             raise Dropped("not_alternating")
-    if messages[-1]["role"] != "assistant":
+    if turns[-1]["role"] != "assistant":
         raise Dropped("not_ending_with_assistant")
     return messages
 

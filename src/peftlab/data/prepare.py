@@ -3,11 +3,12 @@
 Report sections 3-4, done right:
 - an independent seeded RNG per source (seeded by the study seed and the source name), drawing
   `train_buffer + test_buffer` distinct indices; train and test index sets are disjoint (asserted);
-- conversion per format (`formats.py`), Gemma rendering with one `<bos>` (`chat.py`);
-- over-long rows dropped or truncated (`prepare.overlength`), every drop counted by reason; a test row
-  is truncated at a turn boundary (`chat.fit_exchanges`: a prompt ending in a user turn and its answer,
-  within `max_seq_length`) or dropped when its first exchange is longer; `overlength_rows` counts the
-  rows kept after truncation per split;
+- conversion per format (`formats.py`), rendering with the tokenizer's own chat template (`chat.py`;
+  Gemma 3: one `<bos>`), content tokenised as text, the assistant tokens marked;
+- over-long rows dropped or truncated (`prepare.overlength`), every drop counted by reason;
+- a test row over the length is truncated at a turn boundary (`chat.fit_exchanges`: a prompt ending in
+  a user turn and its answer, within `max_seq_length`) or dropped when its first exchange is longer;
+  `overlength_rows` counts the rows kept after truncation per split;
 - exactly `train_per_source` / `test_per_source` rows per source, else a clear error;
 - the combined rows shuffled with the study seed; output files are byte-identical for a config.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from peftlab.config import SourceConfig, StudyConfig
-from peftlab.data.chat import fit_exchanges, render, tokenize
+from peftlab.data.chat import ChatTemplate, chat_template, fit_exchanges
 from peftlab.data.formats import Dropped, convert_row
 from peftlab.data.sources import LoadedSource, load_source
 from peftlab.errors import UserError
@@ -67,13 +68,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def prepare_data(config: StudyConfig, run_dir: Path, tokenizer) -> dict[str, Any]:
     """Write `run_dir/data/` atomically and return the stats written to `stats.json`."""
     data = config.data
+    chat = chat_template(tokenizer, f"tokenizer {config.model.tokenizer or config.model.name_or_path}")
     per_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     source_stats: dict[str, Any] = {}
     fingerprints: dict[str, str] = {}
     for source in data.sources:
         loaded = load_source(source)
         fingerprints[source.name] = loaded.fingerprint
-        selected, stats = _prepare_source(config, source, loaded, tokenizer)
+        selected, stats = _prepare_source(config, source, loaded, chat)
         source_stats[source.name] = stats
         for split in SPLITS:
             per_split[split].extend(selected[split])
@@ -86,6 +88,9 @@ def prepare_data(config: StudyConfig, run_dir: Path, tokenizer) -> dict[str, Any
         "max_seq_length": data.max_seq_length,
         "overlength": config.prepare.overlength,
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": {"sha256": hashlib.sha256(chat.template.encode("utf-8")).hexdigest()[:16],
+                          "turn_end": chat.turn_end, "system": chat.system,
+                          "assistant_spans": "generation blocks" if chat.has_generation_markers else "turn prefixes"},
         "sources": source_stats,
         "splits": {split: _split_summary(rows) for split, rows in per_split.items()},
         "source_fingerprints": fingerprints,
@@ -98,11 +103,11 @@ def prepare_data(config: StudyConfig, run_dir: Path, tokenizer) -> dict[str, Any
         stats["file_hashes"] = {p.name: sha256_file(p) for p in sorted(out.glob("*.jsonl"))}
         write_json(out / "stats.json", stats)
         write_fingerprint(out, "prepare", prepare_sections(config))
-        _write_examples(out / "examples", config.data.sources, per_split["train"])
+        _write_examples(out / "examples", config.data.sources, per_split["train"], tokenizer)
     return stats
 
 
-def _prepare_source(config: StudyConfig, source: SourceConfig, loaded: LoadedSource, tokenizer):
+def _prepare_source(config: StudyConfig, source: SourceConfig, loaded: LoadedSource, chat: ChatTemplate):
     data = config.data
     needed = data.train_buffer + data.test_buffer
     available = len(loaded.rows)
@@ -113,8 +118,8 @@ def _prepare_source(config: StudyConfig, source: SourceConfig, loaded: LoadedSou
         )
     train_idx, test_idx = sample_indices(available, data.train_buffer, data.test_buffer, source_rng(data.seed, source.name))
     buffers = {
-        "train": _convert_buffer(config, source, loaded, train_idx, tokenizer, "train"),
-        "test": _convert_buffer(config, source, loaded, test_idx, tokenizer, "test"),
+        "train": _convert_buffer(config, source, loaded, train_idx, chat, "train"),
+        "test": _convert_buffer(config, source, loaded, test_idx, chat, "test"),
     }
     quotas = {"train": data.train_per_source, "test": data.test_per_source}
     val_quota = config.prepare.validation_per_source
@@ -143,24 +148,26 @@ def _prepare_source(config: StudyConfig, source: SourceConfig, loaded: LoadedSou
     return selected, stats
 
 
-def _convert_buffer(config, source, loaded, indices, tokenizer, split) -> SplitBuffer:
+def _convert_buffer(config, source, loaded, indices, chat: ChatTemplate, split) -> SplitBuffer:
     buffer = SplitBuffer(sampled=len(indices))
     max_len = config.data.max_seq_length
     truncate = config.prepare.overlength == "truncate"
     for index in tqdm(indices, desc=f"{source.name} {split}", unit="row", leave=False, disable=None):
+        where = loaded.where(index)
         try:
-            messages = convert_row(loaded.rows[index], source.format, loaded.where(index))
+            messages = convert_row(loaded.rows[index], source.format, where)
         except Dropped as drop:
             buffer.dropped[drop.reason] += 1
             continue
-        rendered = render(messages)
+        messages = chat.conversation(messages, where)
+        rendered = chat.render(messages, where)
         evaluated = split == "test"  # a prompt and its reference: cut at turns, never inside one
-        tokens = tokenize(rendered, tokenizer, max_len if truncate and not evaluated else None)
+        tokens = chat.tokenize(rendered, max_len if truncate and not evaluated else None, where)
         if len(tokens.input_ids) > max_len and truncate and evaluated:
-            fitted = fit_exchanges(messages, tokenizer, max_len)
+            fitted = fit_exchanges(messages, chat, max_len, where)
             if fitted is not None:
-                messages, rendered = fitted, render(fitted)
-                tokens = replace(tokenize(rendered, tokenizer), truncated=True)
+                messages, rendered = fitted, chat.render(fitted, where)
+                tokens = replace(chat.tokenize(rendered, None, where), truncated=True)
         if len(tokens.input_ids) > max_len:
             buffer.dropped["overlength"] += 1
             continue
@@ -220,18 +227,26 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
-def _write_examples(folder: Path, sources: list[SourceConfig], train_rows: list[dict[str, Any]]) -> None:
+def _write_examples(folder: Path, sources: list[SourceConfig], train_rows: list[dict[str, Any]], tokenizer) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    bos = tokenizer.bos_token
     for source in sources:
         row = next((r for r in train_rows if r["source_dataset"] == source.name), None)
         if row is None:
             continue
         body = (
             f"# {row['id']} ({source.format}, {row['num_tokens']} tokens)\n\n"
-            f"## Rendered text (tokenised without adding special tokens: one <bos>)\n\n{row['text']}\n\n"
+            f"## Rendered text (tokenised without adding special tokens: {_written_by_template(row['text'], bos)})"
+            f"\n\n{row['text']}\n\n"
             f"## Messages\n\n{json.dumps(row['messages'], indent=2, ensure_ascii=False)}\n"
         )
         write_text(folder / f"{source.name}_example.txt", body)
+
+
+def _written_by_template(text: str, bos: str | None) -> str:
+    if bos and text.startswith(bos) and text.count(bos) == 1:
+        return f"one {bos}"
+    return "only the template's own"
 
 
 def read_split(run_dir: Path, split: str) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """Greedy generation for evaluation, done right.
 
 - The prompt is the whole conversation before the **last** assistant turn (multi-turn context kept),
-  rendered in the Gemma format ending with `<start_of_turn>model\\n`; the reference is that turn.
-- Batches are length-sorted and left-padded; decoding stops at `<end_of_turn>` or EOS.
+  rendered by the tokenizer's chat template with its generation prompt (Gemma 3: ending with
+  `<start_of_turn>model\\n`), its contents tokenised as text (`data/chat.py`); the reference is that turn.
+- Batches are length-sorted and left-padded; decoding stops at the template's turn end or EOS.
 - The prediction is the decoded **generated token ids only**: the original study string-replaced the
   prompt out of the decoded text, which never matched, so prompts leaked into predictions.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from peftlab.console import StageProgress
-from peftlab.data.chat import END, render_prompt
+from peftlab.data.chat import chat_template, stop_token_ids
 from peftlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,25 +31,26 @@ class EvalExample:
     source_dataset: str
     prompt: str
     reference: str
+    # The prompt's token ids (contents as text: a literal control token in the data stays text).
+    prompt_ids: list[int]
+    last_user: str = ""
+    user_turns: int = 0
 
 
-def examples_from_rows(rows: Sequence[dict[str, Any]]) -> list[EvalExample]:
-    return [
-        EvalExample(row["id"], row["source_dataset"], render_prompt(row["messages"]), row["messages"][-1]["content"])
-        for row in rows
-    ]
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    end = tokenizer.convert_tokens_to_ids(END)
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        ids.add(end)
-    return sorted(i for i in ids if i is not None)
+def examples_from_rows(rows: Sequence[dict[str, Any]], tokenizer) -> list[EvalExample]:
+    chat = chat_template(tokenizer)
+    examples = []
+    for row in rows:
+        messages = row["messages"]
+        prompt = chat.render_prompt(messages, f"row {row['id']}")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        examples.append(EvalExample(row["id"], row["source_dataset"], prompt.text, messages[-1]["content"],
+                                    chat.encode(prompt.text, prompt.content_spans)[0], users[-1], len(users)))
+    return examples
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompts already hold `<bos>`: no special tokens are added."""
+    """Prompt texts as the template wrote them (Gemma 3: with its `<bos>`): no special tokens are added."""
     return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
 
@@ -168,13 +170,14 @@ def _at_most(batch: list[int], rows: int | None) -> list[list[int]]:
     return [batch[start:start + rows] for start in range(0, len(batch), rows)]
 
 
-def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str], batch_size: int,
-                 device, desc: str = "generate", max_batch_tokens: int | None = None,
+def generate_all(decode_batch: BatchDecoder, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
+                 batch_size: int, device, desc: str = "generate", max_batch_tokens: int | None = None,
                  new_tokens: int = 0, show_progress: bool = True) -> list[tuple[str, int]]:
-    """Generate for every prompt; return (decoded text, generated token count) in the prompts' order."""
+    """Generate for every prompt (text, or token ids); return (decoded text, generated token count) in order."""
     if not prompts:  # a process of a sharded run can get no rows
         return []
-    tokens = generate_token_ids(decode_batch, encode_prompts(tokenizer, prompts), tokenizer.pad_token_id,
+    encoded = encode_prompts(tokenizer, prompts) if isinstance(prompts[0], str) else [list(p) for p in prompts]
+    tokens = generate_token_ids(decode_batch, encoded, tokenizer.pad_token_id,
                                 stop_token_ids(tokenizer), batch_size, device, desc, max_batch_tokens, new_tokens,
                                 show_progress)
     return [(tokenizer.decode(t, skip_special_tokens=True).strip(), len(t)) for t in tokens]

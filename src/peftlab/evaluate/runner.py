@@ -1,14 +1,17 @@
 """Evaluate one model (`base`, a trained method, or `ensemble`) on the test split.
 
 Writes `eval/<name>/predictions.jsonl` (id, source_dataset, prompt, reference, prediction,
-generated token count) and `metrics.json` (scores with bootstrap CIs, per source, generation
-speed; for the ensemble the chosen alpha and its validation scores) into an atomic folder.
+generated token count, the last user message and the number of user turns) and `metrics.json`
+(scores with bootstrap CIs, per source, generation speed and the decoder that ran: `static`, or
+`generate` with `decoder_fallback` saying why when the static decoder does not support the
+architecture; for the ensemble the chosen alpha and its validation scores) into an atomic folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,13 @@ from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
 from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
-from peftlab.evaluate.static_decode import static_greedy, static_mixed_greedy
+from peftlab.evaluate.static_decode import static_greedy, static_mixed_greedy, unsupported_reason
 from peftlab.fingerprints import evaluate_sections, write_fingerprint
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
 from peftlab.rundir import atomic_dir, final_complete, read_json, write_json
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # fallback reasons already logged in this process
 
 
 def load_eval_model(config: StudyConfig, run_dir: Path, name: str, device: str):
@@ -80,7 +86,7 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     rank, world = distributed_rank_world()
     mine = list(range(rank, len(examples), world))
     started = time.perf_counter()
-    outputs = generate_all(decode, tokenizer, [examples[i].prompt for i in mine], config.evaluate.batch_size,
+    outputs = generate_all(decode, tokenizer, [examples[i].prompt_ids for i in mine], config.evaluate.batch_size,
                            device, desc=desc, max_batch_tokens=config.evaluate.max_batch_tokens,
                            new_tokens=config.evaluate.max_new_tokens, show_progress=rank == 0)
     if device == "cuda":
@@ -94,9 +100,11 @@ def _generate(config, decode, tokenizer, examples: list[EvalExample], desc: str)
     tokens = sum(count for _, count in outputs)
     speed = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
              "max_new_tokens": config.evaluate.max_new_tokens, "batch_size": config.evaluate.batch_size,
-             "max_batch_tokens": config.evaluate.max_batch_tokens, "decoder_kind": config.evaluate.decoder,
+             "max_batch_tokens": config.evaluate.max_batch_tokens, "decoder_kind": getattr(decode, "kind", "generate"),
              "concurrent_batches": config.evaluate.concurrent_batches,
              "prefill_chunk_tokens": config.evaluate.prefill_chunk_tokens}
+    if getattr(decode, "fallback", None):
+        speed["decoder_fallback"] = decode.fallback
     if hasattr(decode, "stats"):
         speed["decoder"] = decode.stats.as_dict()
     return outputs, speed
@@ -110,16 +118,44 @@ def _score(config, examples, outputs) -> dict[str, Any]:
 def _ensemble_decoder(config: StudyConfig, models, alpha: float, tokenizer, stops):
     """Greedy over `alpha log p_A + (1 - alpha) log p_B`: on static caches and CUDA graphs, or the plain loop."""
     ev = config.evaluate
-    if ev.decoder == "static":
+    fallback = _static_fallback(config, models)
+    if ev.decoder == "static" and fallback is None:
         return static_mixed_greedy(models, [alpha, 1 - alpha], tokenizer, ev.max_new_tokens,
                                    concurrent=ev.concurrent_batches, prefill_chunk_tokens=ev.prefill_chunk_tokens)
-    return mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id, ev.max_new_tokens)
+    return _generate_kind(mixed_greedy(models, [alpha, 1 - alpha], stops, tokenizer.pad_token_id, ev.max_new_tokens),
+                          fallback)
+
+
+def _single_decoder(config: StudyConfig, model, tokenizer):
+    """The static decoder where it supports the model's architecture, else plain `generate` (said once)."""
+    ev = config.evaluate
+    fallback = _static_fallback(config, [model])
+    if ev.decoder == "static" and fallback is None:
+        return static_greedy(model, tokenizer, ev.max_new_tokens, concurrent=ev.concurrent_batches,
+                             torch_compile=ev.torch_compile, prefill_chunk_tokens=ev.prefill_chunk_tokens)
+    return _generate_kind(hf_greedy(model, tokenizer, ev.max_new_tokens), fallback)
+
+
+def _static_fallback(config: StudyConfig, models) -> str | None:
+    if config.evaluate.decoder != "static":
+        return None
+    reason = unsupported_reason(models)
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("evaluate.decoder static: %s", reason)
+    return reason
+
+
+def _generate_kind(decode, fallback: str | None):
+    decode.kind = "generate"
+    decode.fallback = fallback
+    return decode
 
 
 def choose_alpha(config: StudyConfig, run_dir: Path, models, tokenizer) -> dict[str, Any]:
     """Pick the ensemble weight on the validation split (carved from the train buffer, never test)."""
     ensemble = config.evaluate.ensemble
-    examples = examples_from_rows(_limited(read_split(run_dir, "validation"), ensemble.validation_limit))
+    examples = examples_from_rows(_limited(read_split(run_dir, "validation"), ensemble.validation_limit), tokenizer)
     stops = stop_token_ids(tokenizer)
     trials = []
     for alpha in ensemble.alphas:
@@ -159,12 +195,12 @@ def _init_distributed(device: str) -> None:
 
 def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int | None = None) -> dict[str, Any]:
     limit = limit if limit is not None else config.evaluate.limit
+    tokenizer = load_tokenizer(config.model)
     rows = _limited(read_split(run_dir, "test"), limit)
     overlength = _overlength_rows(run_dir, rows)
-    examples = examples_from_rows(rows)
+    examples = examples_from_rows(rows, tokenizer)
     device = device_name()
     _init_distributed(device)
-    tokenizer = load_tokenizer(config.model)
     extra: dict[str, Any] = {}
     if name == "ensemble":
         members = config.evaluate.ensemble.members
@@ -176,11 +212,7 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
         decode = _ensemble_decoder(config, models, alpha, tokenizer, stop_token_ids(tokenizer))
     else:
         model = load_eval_model(config, run_dir, name, device)
-        decode = (static_greedy(model, tokenizer, config.evaluate.max_new_tokens,
-                                concurrent=config.evaluate.concurrent_batches,
-                                torch_compile=config.evaluate.torch_compile,
-                                prefill_chunk_tokens=config.evaluate.prefill_chunk_tokens)
-                  if config.evaluate.decoder == "static" else hf_greedy(model, tokenizer, config.evaluate.max_new_tokens))
+        decode = _single_decoder(config, model, tokenizer)
     outputs, speed = _generate(config, decode, tokenizer, examples, f"eval {name}")
     rank, world = distributed_rank_world()
     if rank != 0:
@@ -194,6 +226,7 @@ def evaluate_model(config: StudyConfig, run_dir: Path, name: str, *, limit: int 
                 handle.write(json.dumps({
                     "id": example.id, "source_dataset": example.source_dataset, "prompt": example.prompt,
                     "reference": example.reference, "prediction": text, "generated_tokens": count,
+                    "last_user": example.last_user, "user_turns": example.user_turns,
                 }, ensure_ascii=False) + "\n")
         write_json(out / "metrics.json", metrics)
         write_fingerprint(out, "evaluate", evaluate_sections(config, name, limit))

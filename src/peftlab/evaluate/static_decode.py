@@ -37,6 +37,24 @@ DECODE_ATTENTION = "peftlab_decode_sdpa"  # registered with transformers' Attent
 
 STOP_CHECK_EVERY = 16  # decoding steps between host checks of "every row has stopped" (each check is a sync)
 
+# Architectures (`model_type`) whose forward this decoder has been checked against `generate`, token for
+# token (tests/evaluate/test_static_decode.py); the evaluator decodes any other with `generate`.
+STATIC_ARCHITECTURES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def unsupported_reason(models) -> str | None:
+    """Why the static decoder cannot run these models (then the evaluator uses `generate`), or None."""
+    for model in models:
+        model_type = getattr(_text_config(model), "model_type", None) or type(model).__name__
+        if model_type not in STATIC_ARCHITECTURES:
+            return (f"static decoder not checked for {model_type} (only {', '.join(STATIC_ARCHITECTURES)}):"
+                    " decoded with generate")
+    try:
+        _sliding_window([_Member(m, 1.0, "") for m in models])
+    except UserError as error:
+        return str(error).removeprefix("evaluate.decoder static: ")
+    return None
+
 
 @dataclass
 class DecodeStats:
@@ -329,6 +347,7 @@ def _decoder(members: list[_Member], tokenizer, max_new_tokens: int, *, mix: boo
     def decode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return decode_many([(ids, mask)])[0]
 
+    decode.kind = "static"  # type: ignore[attr-defined]
     decode.stats = stats  # type: ignore[attr-defined]
     decode.decode_many = decode_many  # type: ignore[attr-defined]
     decode.concurrent = max(1, concurrent)  # type: ignore[attr-defined]

@@ -16,16 +16,20 @@ from peftlab.models import load_model
 
 def target_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Weights of nn.Linear / nn.Embedding modules whose qualified name contains one of `targets`,
-    each named as `named_parameters` names it (a tied output projection is its embedding)."""
+    each named as `named_parameters` names it (a tied output projection is its embedding). Every
+    target must match a layer: module names differ between architectures (`self_attn` / `mlp` in
+    Llama, Qwen2, Gemma; `attn` / `mlp` in GPT-2), and a target that matches nothing is a typo."""
     names = {id(p): n for n, p in model.named_parameters()}
-    chosen = dict.fromkeys(
-        names[id(module.weight)]
-        for module_name, module in model.named_modules()
-        if isinstance(module, nn.Linear | nn.Embedding) and any(t in module_name for t in targets)
-        and id(module.weight) in names
-    )
-    if not chosen:
-        raise UserError(f"galore.targets {targets}: no linear or embedding layer of the model matches")
+    layers = [(module_name, module) for module_name, module in model.named_modules()
+              if isinstance(module, nn.Linear | nn.Embedding) and id(module.weight) in names]
+    unmatched = [t for t in targets if not any(t in module_name for module_name, _ in layers)]
+    if unmatched:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        blocks = sorted({part for name, _ in layers for part in name.split(".")[:-1] if not part.isdigit()})
+        raise UserError(f"galore.targets {unmatched}: no linear or embedding layer of this {model_type} model has"
+                        f" that in its name (its layers sit under: {', '.join(blocks)})")
+    chosen = dict.fromkeys(names[id(module.weight)] for module_name, module in layers
+                           if any(t in module_name for t in targets))
     return list(chosen)
 
 

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import BitsAndBytesConfig
 
 from peftlab.methods import BuildContext, Recipe
-from peftlab.methods.lora import lora_config
+from peftlab.methods.lora import check_targets, lora_config
 from peftlab.models import load_model
 
 
@@ -80,6 +80,7 @@ def build(ctx: BuildContext) -> Recipe:
     config, compute = quantization_config(ctx)
     model = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype, source=ctx.source,
                        quantization_config=config)
+    check_targets(model, ctx.method.lora.target_modules)
     model = freeze_base(model, ctx.method.gradient_checkpointing)
     model = get_peft_model(model, lora_config(ctx.method.lora))
     # bitsandbytes' optimizers cannot step FSDP's sharded (DTensor) parameters; it pages GPU memory only

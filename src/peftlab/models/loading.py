@@ -90,7 +90,8 @@ SHIPPED_MODEL_CONFIGS = Path(__file__).parents[1] / "configs" / "models"
 
 
 def read_model_config(path: str) -> dict[str, Any]:
-    """A config.json path, or `builtin:<name>` for a shape shipped in configs/models/ (tiny-gemma3, gemma-3-1b)."""
+    """A config.json path, or `builtin:<name>` for a shape shipped in configs/models/ (tiny-gemma3, tiny-llama,
+    tiny-qwen2: 2 layers, hidden 64, each family's vocabulary size; gemma-3-1b, gemma-3-270m)."""
     if path.startswith("builtin:"):
         config_path = SHIPPED_MODEL_CONFIGS / f"{path.removeprefix('builtin:')}.json"
         if not config_path.is_file():
@@ -133,8 +134,19 @@ def model_dir(model: ModelConfig, seed: int = 0) -> tuple[str, dict[str, Any]]:
     Random weights use `seed` (0 unless a test asks for another model): every stage of a study,
     whatever its training seed, must start from the same base."""
     if model.config:
+        check_vocabulary(model)
         return str(random_model_dir(model.config, seed)), {}
     return resolve_source(model.name_or_path)
+
+
+def check_vocabulary(model: ModelConfig) -> None:
+    """A random model of `model.config` must have an embedding row for every id of its tokenizer."""
+    vocab_size = read_model_config(model.config).get("vocab_size")
+    tokenizer_size = len(load_tokenizer(model))
+    if isinstance(vocab_size, int) and tokenizer_size > vocab_size:
+        raise UserError(f"model.config {model.config}: vocab_size {vocab_size} is smaller than the tokenizer's"
+                        f" {tokenizer_size} ids ({model.tokenizer or model.name_or_path}); use a shape of the"
+                        " tokenizer's family or a config.json with a larger vocab_size")
 
 
 def random_model_dir(config_path: str, seed: int) -> Path:

@@ -32,6 +32,8 @@ class ExampleRow:
     reference: str
     # model -> (prediction, ROUGE-L F-measure)
     answers: dict[str, tuple[str, float]]
+    # (the last user message, the number of user turns) as evaluation recorded them; None for older runs
+    last_user: tuple[str, int] | None = None
 
     @property
     def spread(self) -> float:
@@ -40,7 +42,8 @@ class ExampleRow:
 
 
 def last_user_turn(prompt: str) -> tuple[str, int]:
-    """The text of the last user turn of a rendered Gemma prompt, and the number of user turns."""
+    """The text of the last user turn of a rendered Gemma prompt, and the number of user turns
+    (predictions written before evaluation recorded `last_user` themselves)."""
     turns = prompt.count(USER_TURN)
     start = prompt.rfind(USER_TURN)
     if start < 0:
@@ -102,7 +105,8 @@ def _score_row(
         if row is not None:
             prediction = str(row.get("prediction") or "")
             answers[model] = (prediction, scorer.score(reference, prediction)["rougeL"].fmeasure)
-    return ExampleRow(row_id, source, str(first.get("prompt") or ""), reference, answers)
+    last_user = (str(first["last_user"]), int(first.get("user_turns") or 1)) if first.get("last_user") else None
+    return ExampleRow(row_id, source, str(first.get("prompt") or ""), reference, answers, last_user)
 
 
 def _round_robin(ranked: dict[str, list[ExampleRow]], limit: int) -> list[ExampleRow]:

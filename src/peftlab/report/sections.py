@@ -294,7 +294,7 @@ def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
         fallback = [str(item) for item in fallback] if isinstance(fallback, list) else [str(fallback)] if fallback else []
         rows.append([
             _model_cell(model, colors),
-            str(generation.get("decoder_kind") or ("static" if decoder else "generate")),
+            _decoder_cell(generation, decoder),
             fmt.integer(generation.get("generated_tokens")),
             fmt.duration(generation.get("seconds")),
             fmt.rate(generation.get("tokens_per_s")),
@@ -316,6 +316,13 @@ def generation_speed_table(run: RunData, colors: Colors) -> Table | None:
              "times decoding stepped down to fewer batches or rows, and batches decoded eagerly because their "
              "capture did not fit (lower evaluate.max_batch_tokens or concurrent_batches to avoid both)."]
     return Table(headers, rows, "llrrrrrll", caption="Generation speed and GPU decoder", notes=notes)
+
+
+def _decoder_cell(generation: dict[str, Any], decoder: dict[str, Any]) -> str:
+    """The decoder that ran, and why it is not the static one when evaluation fell back to `generate`."""
+    kind = str(generation.get("decoder_kind") or ("static" if decoder else "generate"))
+    fallback = generation.get("decoder_fallback")
+    return f"{kind} ({fmt.truncate(str(fallback), 70)})" if fallback else kind
 
 
 def _memory_retries(decoder: dict[str, Any]) -> str:
@@ -539,7 +546,7 @@ def example_blocks(run: RunData, colors: Colors) -> list[Any]:
         )
     ]
     for number, row in enumerate(rows, start=1):
-        prompt, turns = last_user_turn(row.prompt)
+        prompt, turns = row.last_user or last_user_turn(row.prompt)
         note = "last user turn" + (f" of {turns}" if turns > 1 else "")
         if len(prompt) > PROMPT_CHARS:
             note += f", shortened from {len(prompt):,} characters"
