@@ -61,12 +61,11 @@ def main() -> int:
 
     from peftlab.config import evaluated_models, load_config
     from peftlab.rundir import hardware, package_versions, write_json, write_provenance
-    from peftlab.workflow import check_run_dir_config, run_evaluate, run_prepare, run_report, run_train
+    from peftlab.workflow import run_evaluate, run_prepare, run_report, run_train
 
     overrides = [*rehearsal_overrides(args.samples, args.tokenizer), *args.extra]
     config = load_config("seed", overrides)
     run_dir = args.run_dir
-    check_run_dir_config(config, run_dir)
     report: dict[str, Any] = {"config": "seed", "overrides": overrides, "gpu": hardware().get("gpu") or "cpu",
                               "versions": package_versions(), "command": " ".join(sys.argv), "stages": [],
                               "partial": True}

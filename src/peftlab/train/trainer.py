@@ -269,8 +269,7 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         train_sampling_strategy=method.sampling,
         include_num_input_tokens_seen="non_padding",  # kept in checkpoints: totals survive --resume
         bf16=device == "cuda" and dtype == torch.bfloat16,
-        activation_checkpointing=method.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_arguments(method.gradient_checkpointing),
         optim=recipe.trainer_optim,
         report_to=method.report_to if isinstance(method.report_to, str) else list(method.report_to),
         remove_unused_columns=False,
@@ -297,3 +296,13 @@ def adapter_inputs_uncast(model, autocast_bf16: bool):
     from peft.helpers import disable_input_dtype_casting
 
     return disable_input_dtype_casting(model)
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing in the installed transformers' words: newer releases renamed
+    `gradient_checkpointing` to `activation_checkpointing` (the old name warns); older ones know only it."""
+    import inspect
+
+    known = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
