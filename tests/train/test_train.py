@@ -156,12 +156,16 @@ def test_merge_into_bf16_base_matches_base_plus_adapters(smoke, tmp_path):
 
 
 def test_hybrid_runs_stages_and_sums_resources(smoke):
+    from peftlab.hybrid import train_hybrid
+
     config, run_dir = smoke
-    metrics = train_method(config, run_dir, "hybrid")
+    metrics = train_hybrid(config, run_dir, "hybrid")
     assert [s["method"] for s in metrics["stages"]] == ["qlora", "merge", "galore"]
     assert metrics["optimizer_steps"] == 4 and len(metrics["loss_curve"]) == 4
     assert metrics["train_time_s"] == pytest.approx(sum(s.get("train_time_s", 0) for s in metrics["stages"]))
     assert metrics["merge_time_s"] > 0
+    assert metrics["resumed"] is False and metrics["segments"] == 1
+    assert metrics["checkpoint_save_s"] == pytest.approx(sum(s.get("checkpoint_save_s", 0) for s in metrics["stages"]))
     assert (Path(run_dir) / "train" / "hybrid" / "final" / "model.safetensors").exists()
     assert metrics["trainable_params"] == metrics["total_params"]
 
