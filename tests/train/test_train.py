@@ -168,6 +168,8 @@ def test_hybrid_runs_stages_and_sums_resources(smoke):
     assert metrics["optimizer_steps"] == 4 and len(metrics["loss_curve"]) == 4
     assert metrics["train_time_s"] == pytest.approx(sum(s.get("train_time_s", 0) for s in metrics["stages"]))
     assert metrics["merge_time_s"] > 0
+    assert metrics["resumed"] is False and metrics["segments"] == 1
+    assert metrics["checkpoint_save_s"] == pytest.approx(sum(s.get("checkpoint_save_s", 0) for s in metrics["stages"]))
     out = Path(run_dir) / "train" / "hybrid"
     assert (out / "final" / "model.safetensors").exists()
     # The last stage keeps its own final/ (hard links), so a kill while the hybrid's is made only repeats that step.
