@@ -322,7 +322,7 @@ def launch_distributed(processes: int) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from peftlab.evaluate.metrics import score_file
+    from peftlab.evaluate.scoring import score_file
 
     table = score_file(args.file)
     if args.json:

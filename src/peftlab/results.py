@@ -53,15 +53,8 @@ from typing import Any
 
 from peftlab.config import StudyConfig, config_to_dict, evaluated_models, method_seeds, seed_runs
 from peftlab.errors import UserError
-from peftlab.evaluate.metrics import (
-    EXACT_TYPES,
-    METRICS,
-    RowScores,
-    holm_adjust,
-    paired_bootstrap,
-    score_rows,
-    summarize_table,
-)
+from peftlab.evaluate.metrics import EXACT_TYPES, METRICS, RowScores, score_rows
+from peftlab.evaluate.statistics import holm_adjust, paired_bootstrap, summarize_table
 from peftlab.rundir import hardware, package_versions, read_json, read_jsonl, read_run_config, write_json
 
 SCHEMA = 2

@@ -1,4 +1,4 @@
-"""Tests for peftlab.evaluate.metrics against reference implementations on fixed cases.
+"""Tests for peftlab.evaluate.metrics, .statistics and .scoring against reference implementations on fixed cases.
 
 BLEU is checked against a verbatim copy of what HF `evaluate`'s "bleu" metric runs (tensorflow/nmt
 `compute_bleu` + its `tokenizer_13a`), kept here only as a test oracle. ROUGE is checked against
@@ -27,16 +27,12 @@ from peftlab.evaluate.metrics import (
     bleu_from_stats,
     bleu_from_stats_batch,
     exact_match_rows,
-    holm_adjust,
-    load_predictions,
     normalize_answer,
-    paired_bootstrap,
     rouge_l,
-    score_file,
     score_rows,
-    score_table,
-    summarize,
 )
+from peftlab.evaluate.scoring import load_predictions, score_file, score_table
+from peftlab.evaluate.statistics import holm_adjust, paired_bootstrap, summarize
 
 # ------------------------------------------------------------------------------ reference BLEU (oracle)
 # Copied from huggingface/evaluate metrics/bleu/tokenizer_13a.py (itself from sacrebleu, Apache-2.0)

@@ -24,7 +24,8 @@ from peftlab.distributed import distributed_rank_world
 from peftlab.errors import UserError
 from peftlab.evaluate.ensemble import mixed_greedy
 from peftlab.evaluate.generate import EvalExample, examples_from_rows, generate_all, hf_greedy, stop_token_ids
-from peftlab.evaluate.metrics import bleu4, rouge_l, score_table
+from peftlab.evaluate.metrics import bleu4, rouge_l
+from peftlab.evaluate.scoring import score_table
 from peftlab.evaluate.static_decode import static_greedy, static_mixed_greedy, unsupported_reason
 from peftlab.fingerprints import evaluate_sections, write_fingerprint
 from peftlab.models import device_name, load_model, load_tokenizer, resolve_dtype
