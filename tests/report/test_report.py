@@ -694,6 +694,9 @@ def test_report_upgrades_an_older_results_json_without_predictions(tmp_path: Pat
     run = make_run(tmp_path)
     for path in (run / "eval").glob("*/predictions.jsonl"):
         path.unlink()
+    env_path = run / "env.json"  # what an older peftlab left beside its results (it wrote no .peftlab-run)
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env_path.write_text(json.dumps({"versions": {}, "command": "peftlab study", **env}))
     assert main(["report", str(run)]) == 0
     assert "Holm-adjusted p-values added" in capsys.readouterr().err
     results = json.loads((run / "results.json").read_text())
