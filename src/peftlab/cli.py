@@ -342,8 +342,10 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes warns on CPU imports that its optional hub kernel was not loaded (offline: see peftlab.network).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes warns on CPU imports that its optional hub kernel was not loaded, and `kernels` that
+    # offline mode skips its publisher check (offline: see peftlab.network).
+    for noisy in ("bitsandbytes", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     import contextlib
 

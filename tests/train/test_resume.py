@@ -75,44 +75,44 @@ def test_resume_after_a_kill_mid_save_uses_the_last_complete_checkpoint(smoke, t
     from peftlab.train.trainer import TargetTokenTrainer
 
     config, run_dir = smoke
-    method = replace(config.method("qlora"), kind="lora", max_steps=4, save_steps=1)
+    method = replace(config.method("qlora"), kind="lora", max_steps=3, save_steps=1)
     out = tmp_path / "lora"
     # Each checkpoint write takes at least SAVE_S: it must show in checkpoint_save_s, not train_time_s.
-    save_s = 0.5
+    save_s = 0.3
     real_rng_save = TargetTokenTrainer._save_rng_state
     monkeypatch.setattr(TargetTokenTrainer, "_save_rng_state",
                         lambda self, folder: (time.sleep(save_s), real_rng_save(self, folder))[1])
     started = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):  # segment 1: steps 1-3, checkpoints 2 and 3 kept
-        train_method(config, run_dir, "lora", method=method, out=out, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):  # segment 1: steps 1-2, checkpoints 1 and 2 kept
+        train_method(config, run_dir, "lora", method=method, out=out, stop_after=2)
     first_wall = time.perf_counter() - started
     checkpoints = out / "checkpoints"
-    # A kill during the save of step 4 (no trainer_state.json yet), and a corrupt file in checkpoint-3.
-    shutil.copytree(checkpoints / "checkpoint-3", checkpoints / "checkpoint-4")
-    (checkpoints / "checkpoint-4" / "trainer_state.json").unlink()
-    _truncate(checkpoints / "checkpoint-4" / "optimizer.pt", 1000)
-    _truncate(checkpoints / "checkpoint-3" / "adapter_model.safetensors", 300)
+    # A kill during the save of step 3 (no trainer_state.json yet), and a corrupt file in checkpoint-2.
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
+    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
+    _truncate(checkpoints / "checkpoint-3" / "optimizer.pt", 1000)
+    _truncate(checkpoints / "checkpoint-2" / "adapter_model.safetensors", 300)
     capsys.readouterr()
 
     started = time.perf_counter()
     metrics = train_method(config, run_dir, "lora", method=method, out=out, resume=True)
     second_wall = time.perf_counter() - started
     err = capsys.readouterr().err
-    assert f"{checkpoints / 'checkpoint-4'} is incomplete (no trainer_state.json" in err
-    assert f"{checkpoints / 'checkpoint-3'} is incomplete (adapter_model.safetensors is truncated" in err
-    assert "resuming from checkpoint-2" in err and "Traceback" not in err
-    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["optimizer_steps"] == 4
-    assert [p["step"] for p in metrics["loss_curve"]] == [1, 2, 3, 4]
+    assert f"{checkpoints / 'checkpoint-3'} is incomplete (no trainer_state.json" in err
+    assert f"{checkpoints / 'checkpoint-2'} is incomplete (adapter_model.safetensors is truncated" in err
+    assert "resuming from checkpoint-1" in err and "Traceback" not in err
+    assert metrics["resumed_from"].endswith("checkpoint-1") and metrics["optimizer_steps"] == 3
+    assert [p["step"] for p in metrics["loss_curve"]] == [1, 2, 3]
 
     # The whole run's accounting: two segments, times summed, peaks the maximum, saves apart.
     assert metrics["resumed"] is True and metrics["segments"] == 2
     records = metrics["segment_records"]
-    assert [r["steps"] for r in records] == [[0, 2], [2, 4]]
+    assert [r["steps"] for r in records] == [[0, 1], [1, 3]]
     assert metrics["train_time_s"] == pytest.approx(sum(r["train_time_s"] for r in records))
     assert metrics["checkpoint_save_s"] == pytest.approx(sum(r["checkpoint_save_s"] for r in records))
     assert metrics["peak_rss_gib"] == max(r["peak_rss_gib"] for r in records)
-    # Segment 1 wrote checkpoints 1 and 2 before checkpoint-2's record, segment 2 wrote 3 and 4.
-    assert all(r["checkpoint_save_s"] >= 2 * save_s for r in records)
+    # Segment 1's record was written during checkpoint-1's save, segment 2 wrote checkpoints 2 and 3.
+    assert records[0]["checkpoint_save_s"] >= save_s and records[1]["checkpoint_save_s"] >= 2 * save_s
     assert records[0]["train_time_s"] + records[0]["checkpoint_save_s"] < first_wall
     assert records[1]["train_time_s"] + records[1]["checkpoint_save_s"] < second_wall
     assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens_trained"] / metrics["train_time_s"])
