@@ -52,7 +52,7 @@ def test_the_builtin_shapes_build_with_their_familys_vocabulary(shape):
 def test_a_random_shape_smaller_than_its_tokenizer_is_refused(chat_tokenizer_dir, tmp_path):
     from peftlab.config import ModelConfig
     from peftlab.errors import UserError
-    from peftlab.models import check_vocabulary
+    from peftlab.models.loading import check_vocabulary
 
     small = tmp_path / "small.json"
     small.write_text(json.dumps({**read_model_config("builtin:tiny-llama"), "vocab_size": 100}))

@@ -73,8 +73,11 @@ def is_marked(run_dir: Path) -> bool:
 
 
 def _has_provenance(run_dir: Path) -> bool:
-    """Written by a peftlab from before the mark: its resolved config, or an env.json of ours."""
+    """Written by peftlab: its resolved config, its prepared data (stats.json beside its fingerprint), or an
+    env.json of ours (a peftlab from before the mark)."""
     if (run_dir / "config.resolved.yaml").is_file():
+        return True
+    if (run_dir / "data" / "stats.json").is_file() and (run_dir / "data" / "fingerprint.json").is_file():
         return True
     try:
         env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from peftlab.config import load_config
-from peftlab.data.chat import fit_exchanges, render, render_prompt, tokenize
+from peftlab.data.chat import chat_template, fit_exchanges, render_prompt
 from peftlab.data.prepare import prepare_data, read_split
 from peftlab.errors import UserError
 
@@ -26,9 +26,10 @@ def short_run(tmp_path_factory, gemma_tokenizer):
 def test_fit_exchanges_keeps_whole_turns(gemma_tokenizer):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
              {"role": "user", "content": "more " * 50}, {"role": "assistant", "content": "sure"}]
-    assert fit_exchanges(turns, gemma_tokenizer, 1000) == turns
-    assert fit_exchanges(turns, gemma_tokenizer, 30) == turns[:2]
-    assert fit_exchanges(turns, gemma_tokenizer, 5) is None
+    chat = chat_template(gemma_tokenizer)
+    assert fit_exchanges(turns, chat, 1000) == turns
+    assert fit_exchanges(turns, chat, 30) == turns[:2]
+    assert fit_exchanges(turns, chat, 5) is None
 
 
 def test_overlength_test_rows_fit_and_are_counted(short_run, gemma_tokenizer):
@@ -40,8 +41,9 @@ def test_overlength_test_rows_fit_and_are_counted(short_run, gemma_tokenizer):
         messages = row["messages"]
         assert messages[-1]["role"] == "assistant" and messages[-2]["role"] == "user"
         # The prompt and its reference together fit what training sees.
-        assert len(tokenize(render(messages), gemma_tokenizer).input_ids) == row["num_tokens"] <= MAX_LEN
-        assert render_prompt(messages).endswith("<start_of_turn>model\n")
+        chat = chat_template(gemma_tokenizer)
+        assert len(chat.tokenize(chat.render(messages)).input_ids) == row["num_tokens"] <= MAX_LEN
+        assert render_prompt(messages, gemma_tokenizer).endswith("<start_of_turn>model\n")
     written = json.loads((run_dir / "data" / "stats.json").read_text())
     assert written["splits"]["test"]["overlength_rows"] == 2
 

@@ -145,7 +145,7 @@ def test_fsdp_settings(smoke_config=None):
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("builtin:tiny-gemma3")))
     method = load_config("smoke").method("qlora")
-    args = training_arguments(method, Path("/tmp/peftlab-fsdp-args"), "cpu", torch.float32, Recipe(model=model),
+    args = training_arguments(method, Path("/tmp/peftlab-fsdp-args"), "cpu", torch.float32, Recipe(model=model, saves="full", optimizer_name="adamw_torch"),
                               fsdp=True)
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["Gemma3DecoderLayer"]
     # Checkpointing stays the Trainer's (FSDP's own would rename modules and re-draw dropout masks).
