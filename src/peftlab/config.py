@@ -173,6 +173,13 @@ class MethodConfig:
     # QLoRA only: keep a bf16 (compute dtype) copy of each frozen NF4 weight, dequantized once, instead
     # of dequantizing before every matmul (the same numbers; costs 2 bytes per base weight).
     dequantized_base: bool = False
+    # Padding-free only: run each batch's rows as bins of exactly this many tokens (first fit, the rest
+    # padding rows outside the loss), one shape per forward; null = the rows as they come (the GPU's
+    # fast execution picks a size). At least data.max_seq_length.
+    graph_tokens: int | None = None
+    # With graph_tokens on CUDA in one process: capture one bin's forward + backward as a CUDA graph
+    # and replay it for every later bin (one launch instead of thousands; the same kernels).
+    cuda_graphs: bool = True
     # Keep device-to-host syncs out of each micro-batch: tokens counted on the host from the collator,
     # and no per-micro-batch NaN check of the loss (a NaN loss is then logged as it is).
     avoid_host_syncs: bool = True
@@ -544,6 +551,9 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
                         f" got {method.pad_tokens_to_multiple_of}")
     if method.micro_batch_tokens is not None and method.micro_batch_tokens < 1:
         raise UserError(f"{where}.micro_batch_tokens must be at least 1 (or left out), got {method.micro_batch_tokens}")
+    if method.graph_tokens is not None and method.graph_tokens < config.data.max_seq_length:
+        raise UserError(f"{where}.graph_tokens must hold the longest row: at least data.max_seq_length"
+                        f" ({config.data.max_seq_length}), got {method.graph_tokens}")
     if method.seed < 0:
         raise UserError(f"{where}.seed must not be negative, got {method.seed}")
     if any(seed < 0 for seed in method.seeds) or len(set(method.seeds)) != len(method.seeds):
@@ -596,12 +606,16 @@ def validate_fsdp(config: StudyConfig, name: str) -> None:
 
 
 def single_process_only(config: StudyConfig, name: str) -> str | None:
-    """Why `name` (a hybrid: any of its stages) must train in one process, or None: a GaLore whose
-    hooks own the gradients (projected accumulation, layer-wise updates inside backward)."""
+    """Why `name` (a hybrid: any of its stages) must train in one process, or None: fixed-size bins
+    (`graph_tokens`), or a GaLore whose hooks own the gradients (projected accumulation, layer-wise
+    updates inside backward)."""
     method = config.method(name)
     trained = [config.method(s.method) for s in method.stages if s.method != "merge"] \
         if method.kind == "hybrid" else [method]
     for stage in trained:
+        if stage.graph_tokens is not None:
+            return (f"method '{name}': graph_tokens (fixed-size bins, CUDA graphs) runs in one process;"
+                    " leave it out with --gpus")
         if stage.kind == "galore" and (stage.galore.accumulate == "projected" or stage.galore.variant == "layerwise"):
             return (f"method '{name}': galore with accumulate projected or variant layerwise is single-GPU"
                     " (it updates from inside backward); use accumulate full and variant adamw with --gpus")

@@ -51,6 +51,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 # The report's sequential hybrid: QLoRA -> merge into the bf16 base -> GaLore; the bench times each stage.
 HYBRID_STAGES = ("qlora", "galore")
+# A/B profiles of the default path, one lever each: bins without graph capture, the rows as they come
+# (no bins), liger's fused kernels on top.
+PROFILES["default-eager"] = {**PROFILES["default"], "cuda_graphs": False}
+PROFILES["default-unbinned"] = {**PROFILES["default"], "graph_tokens": None}
+PROFILES["default-liger"] = {**PROFILES["default"], "liger_kernel": True}
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at

@@ -11,7 +11,7 @@ not give (`MethodConfig.explicit`, or a value that differs from the default); a 
   (on a GPU always ours: their product is the recipe), and `micro_batch_tokens` (a token budget per forward);
 - `padding_free` (default true), the attention kernel (`attention`), `gradient_checkpointing`,
   `loss_chunk_tokens`, `torch_compile`, `pad_tokens_to_multiple_of`, `dequantized_base` (QLoRA),
-  `avoid_host_syncs`, and `galore.accumulate` (`projected` sums gradients at rank r: same update).
+  `avoid_host_syncs`, `graph_tokens` / `cuda_graphs`, and `galore.accumulate` (`projected` sums gradients at rank r: same update).
 
 Choices:
 - CUDA, no memory budget (the bench's `fast` levers, driven by the card's memory): the whole effective
@@ -25,6 +25,9 @@ Choices:
   levers are given up in order of their speed cost until the estimate fits: the loss chunk (1,024 ->
   256 -> 32), QLoRA's bf16 copies, then activation checkpointing, then (GaLore, one process) projected
   gradient accumulation; forwards then carry as many tokens as fit, at least one full-length row.
+- CUDA, one process, padding-free, no activation checkpointing (both modes): the rows run as bins of
+  `graph_tokens` (4,096, or what memory allows), each bin's forward + backward replayed from one
+  CUDA graph (`peftlab.train.graphs`).
 - CPU: the config as written (its batch split, checkpointing and chunk), padding-free, SDPA.
 
 The memory estimate (`estimate_peak_gib`) is arithmetic on the model shape, stated in its docstring;
@@ -43,12 +46,14 @@ GIB = 1024**3
 # Settings this module may choose; any other MethodConfig key is recipe and passes through unchanged.
 EXECUTION_KEYS = ("batch_size", "grad_accum", "micro_batch_tokens", "gradient_checkpointing", "loss_chunk_tokens",
                   "torch_compile", "padding_free", "attention", "pad_tokens_to_multiple_of", "dequantized_base",
-                  "avoid_host_syncs")
+                  "avoid_host_syncs", "graph_tokens", "cuda_graphs")
 # Of the card's memory, what training may plan to use (allocator fragmentation, CUDA context, workspaces).
 CARD_FRACTION = 0.85
 FAST_LOSS_CHUNK = 1024
 LOSS_CHUNKS = (1024, 256, 32)
 TOKEN_GRANULE = 256
+# Tokens per fixed-size bin of the CUDA-graph execution (at least max_seq_length).
+GRAPH_TOKENS = 4096
 # Packed attention kernels on CUDA, fastest first; each must pass `packing.probe_attention` here.
 CUDA_PACKED_ATTENTION = ("flash_attention_2", "varlen", "flex_attention", "sdpa")
 
@@ -109,6 +114,10 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
         limit = min(budget, gpu_memory_gib * CARD_FRACTION) if budget is not None else gpu_memory_gib * CARD_FRACTION
         resolved, fit = _fit_memory(resolved, explicit, shape, limit, max_seq_length, attention, world, fsdp, chosen)
         chosen.update(fit)
+        if "graph_tokens" not in explicit:
+            graph_tokens = _graph_tokens(resolved, shape, limit, max_seq_length, attention, world, fsdp)
+            resolved = dataclasses.replace(resolved, graph_tokens=graph_tokens)
+            chosen["graph_tokens"] = graph_tokens
     if not resolved.padding_free and attention in ("varlen", "flash_attention_2", "flex_attention") \
             and "attention" not in explicit:
         attention = "sdpa"
@@ -128,6 +137,8 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
         "pad_tokens_to_multiple_of": resolved.pad_tokens_to_multiple_of,
         "dequantized_base": resolved.dequantized_base if method.kind == "qlora" else None,
         "avoid_host_syncs": resolved.avoid_host_syncs,
+        "graph_tokens": resolved.graph_tokens,
+        "cuda_graphs": bool(resolved.graph_tokens and resolved.cuda_graphs and device == "cuda"),
         "galore_accumulate": resolved.galore.accumulate if method.kind == "galore" else None,
         "memory_budget_gib": method.memory_budget_gib,
         "gpu_memory_gib": gpu_memory_gib,
@@ -173,7 +184,25 @@ def _fastest_packed_attention(shape: dict[str, Any], probe: bool) -> tuple[str, 
     return "sdpa", results
 
 
+def _graph_tokens(method: MethodConfig, shape: dict[str, Any], limit_gib: float, max_seq_length: int,
+                  attention: str, world: int, fsdp: bool) -> int | None:
+    """Bin size of the CUDA-graph execution (`peftlab.train.graphs`), or None where it does not apply:
+    several processes, padded batches, activation checkpointing, compiled layers, or a GaLore whose
+    hooks own the gradients; GRAPH_TOKENS, or fewer where memory needs it (never below one row)."""
+    galore = method.galore
+    if (world > 1 or fsdp or not method.padding_free or method.gradient_checkpointing or method.torch_compile
+            or attention == "flex_attention"
+            or (method.kind == "galore" and (galore.accumulate == "projected" or galore.variant == "layerwise"))):
+        return None
+    tokens = _largest_fitting_tokens(method, shape, limit_gib, attention, max(GRAPH_TOKENS, max_seq_length))
+    if tokens < max_seq_length:
+        return None
+    return max(max_seq_length, min(GRAPH_TOKENS, tokens // TOKEN_GRANULE * TOKEN_GRANULE))
+
+
 def _forward_tokens(method: MethodConfig, max_seq_length: int) -> int:
+    if method.graph_tokens:
+        return method.graph_tokens
     whole = method.batch_size * max_seq_length
     return min(whole, method.micro_batch_tokens) if method.micro_batch_tokens else whole
 

@@ -27,9 +27,10 @@ from peftlab.train import vocab_loss
 
 
 def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None,
-                          chunk: int = 256) -> torch.Tensor:
-    """Summed cross-entropy of `targets` given final hidden states, `chunk` tokens at a time, each chunk
-    recomputed in backward, so the (tokens x vocabulary) logits never exist all at once."""
+                          chunk: int = 256, preserve_rng_state: bool = True) -> torch.Tensor:
+    """Summed cross-entropy of `targets` (-100: no target) given final hidden states, `chunk` tokens at a
+    time, each chunk recomputed in backward, so the (tokens x vocabulary) logits never exist all at once.
+    `preserve_rng_state=False` under CUDA-graph capture (the loss draws no random numbers)."""
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -41,7 +42,8 @@ def target_token_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head, 
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], targets[start:start + chunk]
         if torch.is_grad_enabled() and hidden.shape[0] > chunk:
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False)
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False,
+                                                              preserve_rng_state=preserve_rng_state)
         else:
             total = total + chunk_loss(h, y)
     return total
@@ -64,6 +66,15 @@ def target_token_mean(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, cou
     if scale is not None:
         loss = loss * scale
     return loss
+
+
+def all_position_loss_sum(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed cross-entropy of a [1, tokens] packed bin at every position (labels shifted by one,
+    -100 contributing nothing): fixed shapes and no boolean indexing, so a CUDA graph can capture it
+    (`peftlab.train.graphs`). The same sum as `target_token_mean`'s before its division."""
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return target_token_loss_sum(hidden[0, :-1], labels[0, 1:], causal_lm.get_output_embeddings(), softcap, chunk,
+                                 preserve_rng_state=False)
 
 
 class TargetTokens:

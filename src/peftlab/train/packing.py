@@ -177,9 +177,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q, k, v = (tensor[0].transpose(0, 1).contiguous() for tensor in (query, key, value))  # [tokens, heads, dim]
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window,
-                      enable_gqa=q.shape[1] != k.shape[1])
+    grouped = {}
+    if q.shape[1] != k.shape[1]:
+        if _varlen_takes_gqa():
+            grouped["enable_gqa"] = True
+        else:  # torch 2.11's kernel has no GQA: share each key/value head with its query group
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window, **grouped)
     return out.unsqueeze(0), None
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def load_name(attention: str) -> str:

@@ -148,6 +148,9 @@ def train_method(
         pad_tokens_to_multiple_of=method.pad_tokens_to_multiple_of,
         pad_id=tokenizer.pad_token_id,
         host_token_count=method.avoid_host_syncs,
+        graph_tokens=method.graph_tokens,
+        cuda_graphs=method.cuda_graphs,
+        max_row_tokens=config.data.max_seq_length,
     )
 
     # Train (checkpoint writes are timed apart: see peftlab.train.segments)
@@ -218,7 +221,8 @@ def train_method(
         "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in losses],
         "rows": len(dataset),
         "method_config": asdict(recipe_config),
-        "execution": execution.described,
+        "execution": {**execution.described,
+                      **({"graphs": trainer.graphed.describe()} if trainer.graphed is not None else {})},
         "notes": recipe.notes,
         "versions": package_versions(),
     }

@@ -15,8 +15,11 @@ from peftlab.config import MethodConfig
 from peftlab.console import StageProgress
 from peftlab.methods import Recipe
 from peftlab.models import base_model
+from peftlab.train.batches import IGNORE
+from peftlab.train.graphs import BinLayout, GraphedForwardBackward, bin_tensors, pack_bins, row_slots
 from peftlab.train.loss import (
     TargetTokens,
+    all_position_loss_sum,
     enable_target_token_forward,
     final_hidden_states,
     target_token_mean,
@@ -38,6 +41,7 @@ class TargetTokenTrainer(Trainer):
     def __init__(self, *args, loss_chunk_tokens: int = 256, micro_batch_tokens: int | None = None,
                  galore_projection: str | None = None, segments: RunSegments | None = None,
                  pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, host_token_count: bool = False,
+                 graph_tokens: int | None = None, cuda_graphs: bool = True, max_row_tokens: int = 2048,
                  **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
         `micro_batch_tokens`: split each micro-batch into slices of at most this many tokens (padded
@@ -49,7 +53,11 @@ class TargetTokenTrainer(Trainer):
 
         `pad_tokens_to_multiple_of` / `pad_id`: padding-free forwards padded to a multiple of tokens.
         `host_token_count`: count a padding-free batch's tokens from its host-side row lengths (one
-        process: no device-to-host sync per micro-batch)."""
+        process: no device-to-host sync per micro-batch).
+
+        `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
+        on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
+        `max_row_tokens`: the longest row the data holds (the variable-length kernels' fixed bound)."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)
@@ -62,6 +70,10 @@ class TargetTokenTrainer(Trainer):
         self.host_token_count = host_token_count
         self.tokens_seen: torch.Tensor | None = None
         self._batch_targets: torch.Tensor | None = None
+        self.graph_tokens = graph_tokens
+        self.cuda_graphs = cuda_graphs
+        self.max_row_tokens = max_row_tokens
+        self.graphed: GraphedForwardBackward | None = None
         if self.is_fsdp_enabled:
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
             enable_target_token_forward(base_model(self.model))
@@ -100,6 +112,8 @@ class TargetTokenTrainer(Trainer):
         self.state.num_input_tokens_seen += tokens
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.graph_tokens is not None and is_packed(inputs):
+            return self._binned_step(model, inputs, num_items_in_batch)
         if self.micro_batch_tokens is None:
             return super().training_step(model, inputs, num_items_in_batch)
         if is_packed(inputs):
@@ -130,6 +144,52 @@ class TargetTokenTrainer(Trainer):
         finally:
             self._batch_targets = None
         return total
+
+    def _binned_step(self, model, inputs, num_items_in_batch):
+        """The batch's rows as fixed-size bins, each one forward + backward, captured and replayed as a
+        CUDA graph after the first bins (`peftlab.train.graphs`); the loss the Trainer logs."""
+        model.train()
+        lengths = inputs["row_lengths"]
+        if max(lengths) > self.max_row_tokens:
+            raise ValueError(f"a row of {max(lengths)} tokens is longer than max_row_tokens={self.max_row_tokens}")
+        seen = sum(lengths)
+        self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
+        if num_items_in_batch is None:
+            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE).sum()
+        if self.graphed is None:
+            trained = [param for param in model.parameters() if param.requires_grad]
+            self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
+                                                  capture=self.cuda_graphs and self.args.device.type == "cuda")
+        rows_per_bin = self.args.per_device_train_batch_size
+        slots = row_slots(self.graph_tokens, rows_per_bin)
+        total = None
+        for rows in pack_bins(lengths, self.graph_tokens, rows_per_bin):
+            layout = BinLayout(lengths, rows, self.graph_tokens, slots)
+            values = {key: value.to(self.args.device, non_blocking=True)
+                      for key, value in bin_tensors(inputs, layout, self.pad_id).items()}
+            loss = self.graphed(values, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def _bin_loss(self, model):
+        causal_lm = base_model(model)
+        decoder = causal_lm.get_decoder()
+        longest = self.max_row_tokens
+        chunk = self.loss_chunk_tokens
+        bf16 = self.args.bf16 and self.args.device.type == "cuda"
+
+        def loss(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+            packed = {"position_ids": buffers["position_ids"], "cu_seq_lens": buffers["cu_seq_lens"],
+                      "max_length": longest}
+            forward = {"position_ids": buffers["position_ids"], **attention_inputs(causal_lm.config, packed)}
+            # Autocast's weight-cast cache cannot live across graph replays.
+            precision = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 \
+                else contextlib.nullcontext()
+            with precision:
+                hidden = decoder(input_ids=buffers["input_ids"], use_cache=False, **forward).last_hidden_state
+            return all_position_loss_sum(causal_lm, hidden, buffers["labels"], chunk) / buffers["count"]
+
+        return loss
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         # An optimizer that clips its own gradients (projected GaLore) knows the norm; `.grad` does not.

@@ -1,0 +1,86 @@
+"""Fixed-size bins (`peftlab.train.graphs`, CPU, fp32): rows packed whole into bins of one shape,
+padding rows outside the loss, and the binned step trains the same loss curve as the rows as they come.
+(The CUDA-graph capture itself runs on a GPU only: the GPU bench compares its curve with eager.)"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from peftlab.config import load_config
+from peftlab.data.prepare import prepare_data
+from peftlab.train.batches import IGNORE
+from peftlab.train.graphs import PAD_ROW_TOKENS, BinLayout, GraphedForwardBackward, bin_tensors, pack_bins, row_slots
+from peftlab.train.packing import PackedCollator
+from peftlab.train.runner import train_method
+
+
+def test_rows_are_packed_whole_longest_first_into_bins():
+    lengths = [300, 900, 100, 700, 50, 1000]
+    bins = pack_bins(lengths, 1024, max_rows=16)
+    assert sorted(i for b in bins for i in b) == list(range(6))  # every row once
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    assert bins == [[5], [1, 2], [0, 3], [4]]  # 1000 | 900+100 | 700+300 | 50 (fits nowhere else)
+    assert len(pack_bins([10] * 20, 1024, max_rows=4)) == 5  # the row cap splits bins too
+    with pytest.raises(ValueError):
+        pack_bins([2000], 1024, max_rows=4)
+
+
+def test_a_bin_has_one_shape_with_padding_rows_outside_the_loss():
+    rows = [{"input_ids": [5 + i] * n, "labels": [5 + i] * n} for i, n in enumerate((7, 150, 20))]
+    batch = PackedCollator()(rows)
+    capacity, slots = 256, row_slots(256, 3)
+    layout = BinLayout(batch["row_lengths"], [0, 2], capacity, slots)
+    values = bin_tensors(batch, layout, pad_id=0)
+    assert values["input_ids"].shape == values["labels"].shape == values["position_ids"].shape == (1, capacity)
+    assert values["cu_seq_lens"].shape == (slots + 1,)
+    assert values["input_ids"][0, :7].eq(5).all() and values["input_ids"][0, 7:27].eq(7).all()
+    assert values["input_ids"][0, 27:].eq(0).all() and values["labels"][0, 27:].eq(IGNORE).all()
+    bounds = values["cu_seq_lens"].tolist()
+    assert bounds[:3] == [0, 7, 27] and bounds[-1] == capacity and bounds == sorted(bounds)
+    assert max(b - a for a, b in zip(bounds[2:], bounds[3:], strict=False)) <= PAD_ROW_TOKENS
+    assert values["position_ids"][0, 27].item() == 0  # padding rows start their own positions
+    # The targets are the rows' own: the same count as the batch's.
+    assert (values["labels"][0, 1:] != IGNORE).sum() == (batch["labels"][0, [*range(7), *range(157, 177)]][1:]
+                                                          != IGNORE).sum()
+
+
+def test_eager_bins_accumulate_into_the_same_gradients():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4))
+    step = GraphedForwardBackward(lambda b: (b["input_ids"].float() * weight).sum() / b["count"], [weight],
+                                  capture=False)
+    ones = {"input_ids": torch.ones(4, dtype=torch.long)}
+    loss = step(ones, 2) + step({"input_ids": torch.full((4,), 3, dtype=torch.long)}, torch.tensor(2))
+    assert loss.item() == pytest.approx(weight.sum().item() * 2)
+    assert torch.equal(weight.grad, torch.full((4,), 2.0))  # (1 + 3) / 2
+    assert step.describe() == {"captured": False, "eager_bins": 2, "replays": 0, "failure": None}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, gemma_tokenizer):
+    config = load_config("smoke")
+    run_dir = tmp_path_factory.mktemp("bins")
+    prepare_data(config, run_dir, gemma_tokenizer)
+    return config, run_dir
+
+
+@pytest.mark.parametrize("kind", ["qlora", "galore"])
+def test_binned_training_gives_the_loss_curve_of_the_rows_as_they_come(smoke, tmp_path, kind):
+    config, run_dir = smoke
+    method = config.method(kind)
+    lora = replace(method.lora, dropout=0.0)
+    method = replace(method, max_steps=2, lora=lora, padding_free=True)
+    plain = train_method(config, run_dir, kind, method=method, out=tmp_path / "plain")
+    # Bins of one full-length row: the smoke batch's rows spread over several bins.
+    binned = train_method(config, run_dir, kind, method=replace(method, graph_tokens=config.data.max_seq_length),
+                          out=tmp_path / "binned")
+    curve = [p["loss"] for p in binned["loss_curve"]]
+    assert curve == pytest.approx([p["loss"] for p in plain["loss_curve"]], rel=1e-5)
+    assert binned["tokens_trained"] == plain["tokens_trained"]
+    graphs = binned["execution"]["graphs"]
+    assert graphs["eager_bins"] >= 2 * method.grad_accum and not graphs["captured"]  # CPU: eager bins
+    assert binned["execution"]["graph_tokens"] == config.data.max_seq_length
+    assert not binned["execution"]["cuda_graphs"]
