@@ -4,6 +4,7 @@ padding rows outside the loss, and the binned step trains the same loss curve as
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,15 @@ import torch
 from peftlab.config import load_config
 from peftlab.data.prepare import prepare_data
 from peftlab.train.batches import IGNORE
-from peftlab.train.graphs import PAD_ROW_TOKENS, BinLayout, GraphedForwardBackward, bin_tensors, pack_bins, row_slots
+from peftlab.train.graphs import (
+    PAD_ROW_TOKENS,
+    BinLayout,
+    GraphedForwardBackward,
+    bin_size,
+    bin_tensors,
+    pack_bins,
+    row_slots,
+)
 from peftlab.train.packing import PackedCollator
 from peftlab.train.runner import train_method
 
@@ -28,6 +37,12 @@ def test_rows_are_packed_whole_longest_first_into_bins():
         pack_bins([2000], 1024, max_rows=4)
 
 
+def test_a_bin_takes_the_smallest_quarter_of_the_capacity_that_holds_it():
+    assert [bin_size(n, 4096) for n in (1, 1024, 1025, 2500, 3072, 3073, 4096)] == [1024, 1024, 2048, 3072, 3072,
+                                                                                    4096, 4096]
+    assert bin_size(100, 2048) == 512 and bin_size(2048, 2048) == 2048
+
+
 def test_a_bin_has_one_shape_with_padding_rows_outside_the_loss():
     rows = [{"input_ids": [5 + i] * n, "labels": [5 + i] * n} for i, n in enumerate((7, 150, 20))]
     batch = PackedCollator()(rows)
@@ -40,7 +55,7 @@ def test_a_bin_has_one_shape_with_padding_rows_outside_the_loss():
     assert values["input_ids"][0, 27:].eq(0).all() and values["labels"][0, 27:].eq(IGNORE).all()
     bounds = values["cu_seq_lens"].tolist()
     assert bounds[:3] == [0, 7, 27] and bounds[-1] == capacity and bounds == sorted(bounds)
-    assert max(b - a for a, b in zip(bounds[2:], bounds[3:], strict=False)) <= PAD_ROW_TOKENS
+    assert max(b - a for a, b in itertools.pairwise(bounds[2:])) <= PAD_ROW_TOKENS
     assert values["position_ids"][0, 27].item() == 0  # padding rows start their own positions
     # The targets are the rows' own: the same count as the batch's.
     assert (values["labels"][0, 1:] != IGNORE).sum() == (batch["labels"][0, [*range(7), *range(157, 177)]][1:]
@@ -56,7 +71,8 @@ def test_eager_bins_accumulate_into_the_same_gradients():
     loss = step(ones, 2) + step({"input_ids": torch.full((4,), 3, dtype=torch.long)}, torch.tensor(2))
     assert loss.item() == pytest.approx(weight.sum().item() * 2)
     assert torch.equal(weight.grad, torch.full((4,), 2.0))  # (1 + 3) / 2
-    assert step.describe() == {"captured": False, "eager_bins": 2, "replays": 0, "failure": None}
+    assert step.describe() == {"captured": False, "sizes": [], "eager_bins": 2, "replays": 0, "failure": None}
+    assert len(step.buffers) == 1  # one size: one set of static buffers
 
 
 @pytest.fixture(scope="module")

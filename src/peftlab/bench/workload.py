@@ -45,17 +45,18 @@ METHODS = ("qlora", "lora", "galore", "full")
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {"max_seq_length": 2048},
     "fast": {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "sampling": "group_by_length",
-             "loss_chunk_tokens": 1024, "padding_free": False, "attention": "sdpa", "dequantized_base": False},
+             "loss_chunk_tokens": 1024, "padding_free": False, "attention": "sdpa", "dequantized_base": False,
+             "liger_kernel": False},
     "lowmem": {"batch_size": 16, "grad_accum": 1, "micro_batch_tokens": 2048, "gradient_checkpointing": True,
                "sampling": "random", "loss_chunk_tokens": 32, "max_seq_length": 2048, "dequantized_base": False},
 }
 # The report's sequential hybrid: QLoRA -> merge into the bf16 base -> GaLore; the bench times each stage.
 HYBRID_STAGES = ("qlora", "galore")
-# A/B profiles of the default path, one lever each: bins without graph capture, the rows as they come
-# (no bins), liger's fused kernels on top.
+# A/B profiles of the default path, one lever off each: bins without graph capture, the rows as they
+# come (no bins, no graphs), no liger kernels.
 PROFILES["default-eager"] = {**PROFILES["default"], "cuda_graphs": False}
 PROFILES["default-unbinned"] = {**PROFILES["default"], "graph_tokens": None}
-PROFILES["default-liger"] = {**PROFILES["default"], "liger_kernel": True}
+PROFILES["default-noliger"] = {**PROFILES["default"], "liger_kernel": False}
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
@@ -147,7 +148,8 @@ def workload_config(spec: BenchSpec):
 
     profile = dict(PROFILES.get(spec.profile, {}))
     max_len = profile.pop("max_seq_length", spec.max_seq_length)
-    liger = profile.pop("liger_kernel", False)
+    # A profile that names liger_kernel sets it; otherwise the execution chooses (peftlab.train.execution).
+    liger = {"liger_kernel": profile.pop("liger_kernel")} if "liger_kernel" in profile else {}
     if spec.method == "hybrid":
         methods = {kind: method_settings(kind, spec, profile) for kind in HYBRID_STAGES}
         methods["hybrid"] = {"kind": "hybrid", "stages": [{"method": HYBRID_STAGES[0]}, {"method": "merge"},
@@ -159,7 +161,7 @@ def workload_config(spec: BenchSpec):
         "name": "bench",
         "data": {"seed": 42, "train_per_source": rows, "test_per_source": 0, "train_buffer": rows + ROW_SLACK,
                  "test_buffer": 0, "max_seq_length": max_len, "sources": spec.sources},
-        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, "liger_kernel": liger},
+        "model": {"name_or_path": spec.tokenizer, "config": spec.shape, **liger},
         "methods": methods,
     }
     return config_from_dict(raw, source="bench workload")

@@ -25,6 +25,8 @@ Choices:
   levers are given up in order of their speed cost until the estimate fits: the loss chunk (1,024 ->
   256 -> 32), QLoRA's bf16 copies, then activation checkpointing, then (GaLore, one process) projected
   gradient accumulation; forwards then carry as many tokens as fit, at least one full-length row.
+- CUDA without a memory budget, a Gemma 3 model and liger-kernel installed: liger's fused RMSNorm,
+  GeGLU and RoPE (`model.liger_kernel`, unless the YAML sets it).
 - CUDA, one process, padding-free, no activation checkpointing (both modes): the rows run as bins of
   `graph_tokens` (4,096, or what memory allows), each bin's forward + backward replayed from one
   CUDA graph (`peftlab.train.graphs`).
@@ -61,12 +63,14 @@ CUDA_PACKED_ATTENTION = ("flash_attention_2", "varlen", "flex_attention", "sdpa"
 @dataclass
 class Execution:
     """The chosen execution: `method` is the config with every execution setting resolved (what the
-    recipe builder and the Trainer read), `attention` the kernel the model is loaded with, and
-    `described` what metrics.json records under `execution`."""
+    recipe builder and the Trainer read), `attention` the kernel the model is loaded with, `liger`
+    whether it is loaded with liger-kernel's fused modules, and `described` what metrics.json records
+    under `execution`."""
 
     method: MethodConfig
     attention: str
     described: dict[str, Any] = field(default_factory=dict)
+    liger: bool = False
 
 
 def explicit_keys(method: MethodConfig) -> set[str]:
@@ -118,6 +122,9 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
             graph_tokens = _graph_tokens(resolved, shape, limit, max_seq_length, attention, world, fsdp)
             resolved = dataclasses.replace(resolved, graph_tokens=graph_tokens)
             chosen["graph_tokens"] = graph_tokens
+    liger = model.liger_kernel
+    if "liger_kernel" not in model.explicit and mode == "fast" and not resolved.torch_compile:
+        liger = liger_applies(shape)
     if not resolved.padding_free and attention in ("varlen", "flash_attention_2", "flex_attention") \
             and "attention" not in explicit:
         attention = "sdpa"
@@ -137,6 +144,7 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
         "pad_tokens_to_multiple_of": resolved.pad_tokens_to_multiple_of,
         "dequantized_base": resolved.dequantized_base if method.kind == "qlora" else None,
         "avoid_host_syncs": resolved.avoid_host_syncs,
+        "liger_kernel": liger,
         "graph_tokens": resolved.graph_tokens,
         "cuda_graphs": bool(resolved.graph_tokens and resolved.cuda_graphs and device == "cuda"),
         "galore_accumulate": resolved.galore.accumulate if method.kind == "galore" else None,
@@ -151,7 +159,17 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
             resolved, shape, tokens=_forward_tokens(resolved, max_seq_length), attention=attention), 3)
     if probes:
         described["attention_probe"] = probes
-    return Execution(method=resolved, attention=attention, described=described)
+    return Execution(method=resolved, attention=attention, described=described, liger=liger)
+
+
+def liger_applies(shape: dict[str, Any] | None) -> bool:
+    """Whether liger-kernel's fused Gemma 3 modules (RMSNorm, GeGLU, RoPE) can serve this model here:
+    a Gemma 3 text model and liger-kernel installed. (The fast execution turns them on: +22% / +31%
+    steady tokens/s for QLoRA / GaLore on one H100, for a first step that compiles their Triton kernels.)"""
+    import importlib.util
+
+    return bool(shape) and shape.get("model_type") == "gemma3_text" \
+        and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _attention_setting(method: MethodConfig, model: ModelConfig, explicit: set[str]) -> str:

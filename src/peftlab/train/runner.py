@@ -101,7 +101,8 @@ def train_method(
                                  model=config.model, shape=_model_shape(config, source, device),
                                  max_seq_length=config.data.max_seq_length, world=world, fsdp=fsdp)
     method = execution.method
-    model_config = replace(config.model, attn_implementation=load_name(execution.attention))
+    model_config = replace(config.model, attn_implementation=load_name(execution.attention),
+                           liger_kernel=execution.liger)
 
     # Recipe: the model, which parameters train, and their optimizer
     started = time.perf_counter()

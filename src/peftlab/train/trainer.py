@@ -16,7 +16,14 @@ from peftlab.console import StageProgress
 from peftlab.methods import Recipe
 from peftlab.models import base_model
 from peftlab.train.batches import IGNORE
-from peftlab.train.graphs import BinLayout, GraphedForwardBackward, bin_tensors, pack_bins, row_slots
+from peftlab.train.graphs import (
+    BinLayout,
+    GraphedForwardBackward,
+    bin_size,
+    bin_tensors,
+    pack_bins,
+    row_slots,
+)
 from peftlab.train.loss import (
     TargetTokens,
     all_position_loss_sum,
@@ -161,10 +168,10 @@ class TargetTokenTrainer(Trainer):
             self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
                                                   capture=self.cuda_graphs and self.args.device.type == "cuda")
         rows_per_bin = self.args.per_device_train_batch_size
-        slots = row_slots(self.graph_tokens, rows_per_bin)
         total = None
         for rows in pack_bins(lengths, self.graph_tokens, rows_per_bin):
-            layout = BinLayout(lengths, rows, self.graph_tokens, slots)
+            size = bin_size(sum(lengths[row] for row in rows), self.graph_tokens)
+            layout = BinLayout(lengths, rows, size, row_slots(size, rows_per_bin))
             values = {key: value.to(self.args.device, non_blocking=True)
                       for key, value in bin_tensors(inputs, layout, self.pad_id).items()}
             loss = self.graphed(values, num_items_in_batch)
