@@ -100,3 +100,36 @@ def test_binned_training_gives_the_loss_curve_of_the_rows_as_they_come(smoke, tm
     assert graphs["eager_bins"] >= 2 * method.grad_accum and not graphs["captured"]  # CPU: eager bins
     assert binned["execution"]["graph_tokens"] == config.data.max_seq_length
     assert not binned["execution"]["cuda_graphs"]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("trains", [False, True])
+def test_loss_with_gradients_in_forward_equals_the_recomputed_one(softcap, trains):
+    from peftlab.train.loss import target_token_loss_sum
+    from peftlab.train.vocab_loss import forward_gradient_loss
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 40, (50,), generator=generator)
+    targets[::3] = IGNORE
+    count = (targets != IGNORE).sum()
+    results = []
+    for fused in (False, True):
+        lm_head = torch.nn.Linear(16, 40, bias=False)
+        with torch.no_grad():
+            lm_head.weight.copy_(torch.randn(40, 16, generator=torch.Generator().manual_seed(1)))
+        lm_head.weight.requires_grad_(trains)
+        h = hidden.clone().requires_grad_()
+        if fused:
+            loss = forward_gradient_loss(h, targets, lm_head, count, softcap, chunk=16)
+        else:
+            loss = target_token_loss_sum(h, targets, lm_head, softcap, chunk=16) / count
+        loss.backward()
+        results.append((loss.detach(), h.grad, lm_head.weight.grad))
+    (loss, grad, weight_grad), (fused_loss, fused_grad, fused_weight_grad) = results
+    torch.testing.assert_close(fused_loss, loss)
+    torch.testing.assert_close(fused_grad, grad)
+    if trains:
+        torch.testing.assert_close(fused_weight_grad, weight_grad)
+    else:
+        assert fused_weight_grad is None and weight_grad is None

@@ -100,7 +100,9 @@ def build(ctx: BuildContext) -> Recipe:
     if settings.variant == "adamw8bit" and ctx.device != "cuda":
         raise UserError("galore.variant adamw8bit needs a CUDA GPU (galore-torch's 8-bit GaLore calls"
                         " torch.cuda.synchronize); use adamw, or accumulate: projected")
-    optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else galore_torch.GaLoreAdamW
+    from peftlab.methods.galore_foreach import ForeachGaLoreAdamW
+
+    optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else ForeachGaLoreAdamW
     # GaLoreAdamW subclasses transformers' deprecated AdamW and warns unless told not to (its own API).
     extra = {} if settings.variant == "adamw8bit" else {"no_deprecation_warning": True}
     optimizer = optimizer_class(param_groups(model, ctx), lr=ctx.method.lr, **extra)

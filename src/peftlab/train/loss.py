@@ -68,13 +68,18 @@ def target_token_mean(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, cou
     return loss
 
 
-def all_position_loss_sum(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The summed cross-entropy of a [1, tokens] packed bin at every position (labels shifted by one,
-    -100 contributing nothing): fixed shapes and no boolean indexing, so a CUDA graph can capture it
-    (`peftlab.train.graphs`). The same sum as `target_token_mean`'s before its division."""
+def bin_loss(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The loss of a [1, tokens] packed bin: cross-entropy summed at every position (labels shifted by
+    one, -100 contributing nothing) over `count`, the step's target count. Fixed shapes and no boolean
+    indexing, so a CUDA graph can capture it (`peftlab.train.graphs`); the same value as
+    `target_token_mean`'s. Gradients are computed in forward where the output projection allows
+    (`vocab_loss.forward_gradient_loss`); else chunks recomputed in backward."""
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return target_token_loss_sum(hidden[0, :-1], labels[0, 1:], causal_lm.get_output_embeddings(), softcap, chunk,
-                                 preserve_rng_state=False)
+    lm_head = causal_lm.get_output_embeddings()
+    if vocab_loss.forward_gradient_applies(lm_head):
+        return vocab_loss.forward_gradient_loss(hidden[0, :-1], labels[0, 1:], lm_head, count, softcap, chunk)
+    summed = target_token_loss_sum(hidden[0, :-1], labels[0, 1:], lm_head, softcap, chunk, preserve_rng_state=False)
+    return summed / count
 
 
 class TargetTokens:

@@ -26,11 +26,12 @@ from peftlab.train.graphs import (
 )
 from peftlab.train.loss import (
     TargetTokens,
-    all_position_loss_sum,
+    bin_loss,
     enable_target_token_forward,
     final_hidden_states,
     target_token_mean,
 )
+from peftlab.train.optimizers import without_per_parameter_syncs
 from peftlab.train.packing import attention_inputs, is_packed, packed_slices, pad_to_multiple, select_rows
 from peftlab.train.segments import RunSegments
 
@@ -60,7 +61,8 @@ class TargetTokenTrainer(Trainer):
 
         `pad_tokens_to_multiple_of` / `pad_id`: padding-free forwards padded to a multiple of tokens.
         `host_token_count`: count a padding-free batch's tokens from its host-side row lengths (one
-        process: no device-to-host sync per micro-batch).
+        process: no device-to-host sync per micro-batch), and step bitsandbytes' optimizers with one
+        sync instead of one per parameter (`peftlab.train.optimizers`).
 
         `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
@@ -87,6 +89,8 @@ class TargetTokenTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
+        if self.host_token_count:  # avoid_host_syncs: bitsandbytes' step syncs once, not per parameter
+            without_per_parameter_syncs(optimizer)
         if self.galore_projection == "gram":
             from peftlab.methods.galore_basis import seed_projectors
 
@@ -194,7 +198,7 @@ class TargetTokenTrainer(Trainer):
                 else contextlib.nullcontext()
             with precision:
                 hidden = decoder(input_ids=buffers["input_ids"], use_cache=False, **forward).last_hidden_state
-            return all_position_loss_sum(causal_lm, hidden, buffers["labels"], chunk) / buffers["count"]
+            return bin_loss(causal_lm, hidden, buffers["labels"], buffers["count"], chunk)
 
         return loss
 

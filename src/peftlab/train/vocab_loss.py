@@ -1,5 +1,6 @@
-"""The vocabulary cross-entropy for a trained, tied output projection, with its weight gradient added
-in place.
+"""The vocabulary cross-entropy with its gradients written where they go: for a trained, tied output
+projection, its weight gradient added in place (`summed_cross_entropy`); for the binned step, every
+gradient computed in forward (`forward_gradient_loss`, at the end).
 
 `runner.target_token_loss_sum` recomputes the logits chunk by chunk in backward; when the output
 projection trains (GaLore, full fine-tuning: Gemma 3 ties it to the 262k x 1152 input embedding),
@@ -133,3 +134,62 @@ def applies(lm_head, input_embeddings) -> bool:
 def summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head, softcap: float | None,
                          chunk: int) -> torch.Tensor:
     return _ChunkedCrossEntropy.apply(hidden, lm_head.weight, targets, softcap, chunk)
+
+
+class _CrossEntropyWithForwardGradient(torch.autograd.Function):
+    """Summed cross-entropy over every position (-100: no target) divided by `count`, with its gradients
+    computed in forward, one chunk of logits at a time: the hidden states' gradient is kept for
+    backward, a trained weight's is added straight into `weight.grad`. Two vocabulary matmuls per
+    chunk (three with a trained weight) instead of the checkpointed chunk's four (five), and one pass
+    over each chunk's fp32 logits instead of three. The weight's gradient assumes the loss is
+    backpropagated as it is (upstream gradient 1): `forward_gradient_loss` is used only by the binned
+    step (`peftlab.train.graphs`), which calls `backward()` on this loss itself."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, count, softcap, chunk):
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.to(weight.dtype)
+            scale = count.to(torch.float32).reciprocal()
+            total = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden)
+            trains = weight.requires_grad
+            if trains and weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = hidden[start:start + chunk], targets[start:start + chunk]
+                valid = y != -100
+                picked = y.clamp(min=0)[:, None]
+                logits, tanh = _capped(F.linear(h, weight).float(), softcap)
+                log_normalizers = torch.logsumexp(logits, dim=-1)
+                total += ((log_normalizers - logits.gather(1, picked)[:, 0]) * valid).sum()
+                grad_logits = logits.sub_(log_normalizers[:, None]).exp_()  # softmax, in place
+                grad_logits.scatter_add_(1, picked, -valid[:, None].to(grad_logits.dtype))  # - one-hot
+                grad_logits.mul_((valid.to(grad_logits.dtype) * scale)[:, None])
+                if tanh is not None:
+                    grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1))  # the soft-cap's derivative
+                    del tanh
+                grad_logits = grad_logits.to(weight.dtype)
+                grad_hidden[start:start + chunk] = grad_logits @ weight
+                if trains:
+                    weight.grad.addmm_(grad_logits.t(), h)
+                del grad_logits, logits
+        ctx.save_for_backward(grad_hidden)
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
+
+
+def forward_gradient_applies(lm_head) -> bool:
+    """Whether `forward_gradient_loss` can serve this output projection (a bias-free nn.Linear)."""
+    return isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and torch.is_grad_enabled()
+
+
+def forward_gradient_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head, count: torch.Tensor,
+                          softcap: float | None, chunk: int) -> torch.Tensor:
+    """The token-mean cross-entropy (sum over targets / `count`) with gradients computed in forward
+    (see `_CrossEntropyWithForwardGradient`)."""
+    return _CrossEntropyWithForwardGradient.apply(hidden, lm_head.weight, targets, count, softcap, chunk)

@@ -1,0 +1,91 @@
+"""The optimizer-step levers give the libraries' own updates to the bit: GaLore-AdamW with foreach
+moments (`methods/galore_foreach.py`) and bitsandbytes' 8-bit AdamW with one sync per step
+(`train/optimizers.py`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+
+def _params(dtype: torch.dtype, device: str = "cpu") -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(24, 16), (16, 40), (8, 8), (16,), (300, 12)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype)) for shape in shapes]
+
+
+def _groups(params: list[torch.nn.Parameter]) -> list[dict]:
+    return [{"params": params[:2], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std",
+             "weight_decay": 0.01},
+            {"params": [params[2], params[4]], "weight_decay": 0.01},
+            {"params": [params[3]], "weight_decay": 0.0}]
+
+
+def _train(optimizer_class, params, steps: int, seed_projectors: bool = False, **kwargs) -> None:
+    optimizer = optimizer_class(_groups(params), lr=1e-2, **kwargs)
+    if seed_projectors:
+        from peftlab.methods.galore_basis import seed_projectors as seed
+
+        seed(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+        optimizer.step()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gram", [False, True])
+def test_foreach_galore_adamw_gives_galore_torchs_update_to_the_bit(device, dtype, gram):
+    from galore_torch import GaLoreAdamW
+
+    from peftlab.methods.galore_foreach import ForeachGaLoreAdamW
+
+    theirs, ours = _params(dtype, device), _params(dtype, device)
+    # 5 steps with update_proj_gap 2: the projection is recomputed twice on the way.
+    _train(GaLoreAdamW, theirs, 5, gram, no_deprecation_warning=True)
+    _train(ForeachGaLoreAdamW, ours, 5, gram, no_deprecation_warning=True, foreach=True)
+    start = _params(dtype, device)
+    for a, b, before in zip(theirs, ours, start, strict=True):
+        assert not torch.equal(a, before)
+        if device == "cuda" or dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:  # a CPU's per-tensor bf16 `mul_` by a Python number rounds otherwise (see the class)
+            torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+
+
+def test_foreach_galore_adamw_runs_galore_torchs_loop_on_a_cpu():
+    from galore_torch import GaLoreAdamW
+
+    from peftlab.methods.galore_foreach import ForeachGaLoreAdamW
+
+    theirs, ours = _params(torch.bfloat16), _params(torch.bfloat16)
+    _train(GaLoreAdamW, theirs, 3, no_deprecation_warning=True)
+    _train(ForeachGaLoreAdamW, ours, 3, no_deprecation_warning=True)  # foreach=None: CUDA only
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+
+
+def test_bitsandbytes_step_with_one_sync_gives_the_same_update():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peftlab.train.optimizers import without_per_parameter_syncs
+
+    theirs = [torch.nn.Parameter(torch.randn(64, 256, generator=torch.Generator().manual_seed(s))) for s in range(3)]
+    ours = copy.deepcopy(theirs)
+    plain = bnb.optim.AdamW8bit(theirs, lr=1e-2, weight_decay=0.01)
+    patched = bnb.optim.AdamW8bit(ours, lr=1e-2, weight_decay=0.01)
+    assert without_per_parameter_syncs(patched) and not without_per_parameter_syncs(torch.optim.AdamW(ours))
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for a, b in zip(theirs, ours, strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        plain.step()
+        patched.step()
+    for a, b in zip(theirs, ours, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, theirs[0].detach() * 0)
