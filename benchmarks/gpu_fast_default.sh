@@ -2,9 +2,12 @@
 # Issue 20 on one GPU in ONE device call (at most 600 s), from the repository root, .carry carried
 # (scripts/build_carry.sh): wheels, tokenizer, samples.
 #   bash benchmarks/gpu_fast_default.sh SAMPLES_DIR [TOKENIZER_DIR]     # e.g. /tmp/samples /tmp/tok
+# STAGES (default "tests,bench,attention,study") picks the parts; BENCH_STEPS (default -1: the whole
+# workload, one epoch) caps the bench's optimizer steps.
 # In this order, each under the remaining time, each writing its JSON as it goes (a cut keeps what finished):
+#   (0) $OUT/gpu-tests.txt   the CUDA cases of the optimizer-step tests (bitwise against the libraries)
 #   (a) $OUT/bench.json      `peftlab bench train --reference --methods qlora,galore --profiles default,lowmem`
-#                            (reference, default and lowmem rows of one file, same GPU; 12 optimizer steps each)
+#                            (reference, default and lowmem rows of one file, same GPU)
 #   (b) $OUT/attention.json  padding-free attention kernels with the sliding window (benchmarks/attention_varlen.py)
 #   (c) $OUT/study.json      a whole `peftlab study` of the seed-shaped rehearsal, each stage timed
 #                            (benchmarks/study_rehearsal.py), and $OUT/seed-estimate.json: the full seed
@@ -25,21 +28,39 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/run.log"
 
+STAGES=${STAGES:-tests,bench,attention,study}
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+if has tests; then
+  log "(0) GPU tests"
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py > "$OUT/gpu-tests.txt" 2>&1
+  log "(0) tests rc=$? $(tail -1 "$OUT/gpu-tests.txt")"
+fi
+reserve=230
+has attention || reserve=$((reserve - 60))
+has study || reserve=$((reserve - 170))
+
 # (a) the bench: leave ~230 s for (b) and (c)
 resume=()
 if [ -f .carry/bench-partial.json ]; then cp .carry/bench-partial.json "$OUT/bench.json"; resume=(--resume); fi
-log "(a) bench: $(( $(left) - 230 )) s"
-timeout $(( $(left) - 230 )) python -m peftlab bench train --reference --methods qlora,galore \
-  --profiles default,lowmem --max-steps "${BENCH_STEPS:-12}" --data "$SAMPLES" --tokenizer "$TOK" \
+if has bench; then
+log "(a) bench: $(( $(left) - reserve )) s"
+timeout $(( $(left) - reserve )) python -m peftlab bench train --reference --methods qlora,galore \
+  --profiles default,lowmem --max-steps "${BENCH_STEPS:--1}" --data "$SAMPLES" --tokenizer "$TOK" \
   --out "$OUT/bench.json" "${resume[@]}" >> "$OUT/run.log" 2>&1
 log "(a) bench rc=$? (124: cut; the finished runs are in bench.json)"
+fi
 
+has attention || log "(b) skipped"
+has attention && {
 # (b) the attention kernels: at most 60 s
 log "(b) attention kernels"
 timeout $(( $(left) < 60 ? $(left) : 60 )) python benchmarks/attention_varlen.py --out "$OUT/attention.json" \
   >> "$OUT/run.log" 2>&1
 log "(b) attention rc=$?"
+}
 
+has study || log "(c) skipped"
+has study && {
 # (c) the rehearsal study, then the seed study's estimate (needs ~5 s)
 log "(c) rehearsal study: $(( $(left) - 10 )) s"
 rm -rf /tmp/rehearsal
@@ -48,5 +69,6 @@ timeout $(( $(left) - 10 )) python benchmarks/study_rehearsal.py "$SAMPLES" --to
 log "(c) study rc=$?"
 [ -f "$OUT/study.json" ] && python benchmarks/estimate_seed_study.py "$OUT/study.json" \
   --out "$OUT/seed-estimate.json" > /dev/null 2>> "$OUT/run.log"
+}
 log "done; $(left) s left"
 grep -v "it/s\]\|s/it\]\|Loading weights" "$OUT/run.log" | tail -40
