@@ -12,7 +12,13 @@ sources (their samples), so its measured rates carry over:
   upper bound for a trained model, which stops at its answer's end;
 - prepare (a hub download here) is not measured and not included.
 
+With `--bench FILE` (a `peftlab bench train` report of the same GPU kind), training uses that file's
+`default` rows instead: the tokens at the method's steady tokens/s (the seed study runs ~2,800 steps
+per method, so its loop rate is the steady one), plus that run's first-step overhead (first step minus
+the median step) and the rehearsal's model load; the hybrid's stages at their methods' rates.
+
     python benchmarks/estimate_seed_study.py $OUT/study.json --out $OUT/seed-estimate.json
+    python benchmarks/estimate_seed_study.py STUDY.json --bench BENCH.json --out seed-estimate.json
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 
-def estimate(study: dict[str, Any]) -> dict[str, Any]:
+def bench_rates(bench: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per method kind, the `default` row's steady tokens/s and first-step overhead (seconds)."""
+    return {row["method"]: {"tokens_per_s": row["steady_tokens_per_s"],
+                            "first_step_overhead_s": max(row["first_step_s"] - row["step_s_median"], 0.0)}
+            for row in bench.get("runs", []) if row.get("profile") == "default" and row.get("steady_tokens_per_s")}
+
+
+def estimate(study: dict[str, Any], bench: dict[str, Any] | None = None) -> dict[str, Any]:
     from peftlab.config import load_config
 
     seed = load_config("seed")
@@ -40,8 +53,16 @@ def estimate(study: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"seed_rows": {"train": train_rows, "validation": validation_rows, "test": test_rows},
                            "mean_tokens_per_train_row": mean_tokens, "stages": {}, "missing": []}
 
-    def train_seconds(metrics: dict[str, Any], epochs: float) -> float:
-        return train_rows * epochs * mean_tokens / metrics["tokens_per_s"] + (metrics.get("model_load_s") or 0.0)
+    rates = bench_rates(bench) if bench is not None else {}
+    if bench is not None:
+        out["training_rates_from"] = {"bench_gpu": bench.get("gpu"), "rates": rates}
+
+    def train_seconds(metrics: dict[str, Any], epochs: float, kind: str) -> float:
+        load = metrics.get("model_load_s") or 0.0
+        rate = rates.get(kind)
+        if rate:
+            return train_rows * epochs * mean_tokens / rate["tokens_per_s"] + rate["first_step_overhead_s"] + load
+        return train_rows * epochs * mean_tokens / metrics["tokens_per_s"] + load
 
     for name, method in seed.methods.items():
         stage = stages.get(f"train {name}")
@@ -59,11 +80,12 @@ def estimate(study: dict[str, Any]) -> dict[str, Any]:
                     continue
                 measured = next(trained)
                 epochs = config_stage.epochs or seed.method(config_stage.method).epochs
-                parts.append(train_seconds(measured, epochs))
+                parts.append(train_seconds(measured, epochs, seed.method(config_stage.method).kind))
             seconds = sum(parts)
         else:
-            seconds = train_seconds(metrics, method.epochs)
-        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": metrics["tokens_per_s"]}
+            seconds = train_seconds(metrics, method.epochs, method.kind)
+        rate = rates.get(method.kind, {}).get("tokens_per_s") if method.kind != "hybrid" else None
+        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": rate or metrics["tokens_per_s"]}
     for name, stage in stages.items():
         if not name.startswith("evaluate "):
             continue
@@ -87,16 +109,19 @@ def estimate(study: dict[str, Any]) -> dict[str, Any]:
     out["total_s"] = out["train_s"] + out["evaluate_s"]
     out["total_h"] = out["total_s"] / 3600
     out["gpu"] = study.get("gpu")
-    out["from"] = "rehearsal rates x seed rows (see benchmarks/estimate_seed_study.py); prepare not included"
+    out["from"] = ("rehearsal rates x seed rows (see benchmarks/estimate_seed_study.py); prepare not included"
+                   + ("; training at the bench file's default rates" if bench is not None else ""))
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="the rehearsal's study.json")
+    parser.add_argument("--bench", type=Path, default=None, help="training rates from this bench report")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    result = estimate(json.loads(args.study.read_text()))
+    bench = json.loads(args.bench.read_text()) if args.bench else None
+    result = estimate(json.loads(args.study.read_text()), bench)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
