@@ -139,6 +139,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     ("methods.qlora.lr.x=1", "'methods.qlora.lr' is not a section"),
     ("evaluate.concurrent_batches=0", "concurrent_batches must be at least 1"),
     ("methods.hybrid.stages.0.max_steps=0", "max_steps >= 1"),
+    ("methods.qlora.graph_tokens=16", r"graph_tokens must hold the longest row: at least data.max_seq_length"),
 ])
 def test_values_that_would_crash_later_are_rejected_up_front(override, message):
     with pytest.raises(UserError, match=message):
@@ -152,6 +153,17 @@ def test_a_stage_with_epochs_ignores_the_methods_step_cap():
     assert config.method("qlora").max_steps == 12
     stage = stage_method(config, "qlora", 2.0, None)
     assert (stage.epochs, stage.max_steps) == (2.0, -1)
+
+
+def test_bins_are_refused_where_hooks_own_the_gradients_or_processes_are_several():
+    from peftlab.train.launch import check_launch
+
+    with pytest.raises(UserError, match=r"graph_tokens: not with galore\.accumulate projected"):
+        load_config("smoke", ["methods.galore.graph_tokens=4096", "methods.galore.galore.accumulate=projected"])
+    config = load_config("smoke", ["methods.qlora.graph_tokens=4096"])
+    with pytest.raises(UserError, match=r"graph_tokens .* runs in one process"):
+        check_launch(config, "qlora", world=2, fsdp=False)
+    check_launch(config, "qlora", world=1, fsdp=False)
 
 
 def test_compile_and_liger_are_not_combined():

@@ -554,6 +554,10 @@ def _validate_method(config: StudyConfig, name: str, method: MethodConfig, where
     if method.graph_tokens is not None and method.graph_tokens < config.data.max_seq_length:
         raise UserError(f"{where}.graph_tokens must hold the longest row: at least data.max_seq_length"
                         f" ({config.data.max_seq_length}), got {method.graph_tokens}")
+    if method.graph_tokens is not None and method.kind in ("galore", "hybrid") and (
+            method.galore.accumulate == "projected" or method.galore.variant == "layerwise"):
+        raise UserError(f"{where}.graph_tokens: not with galore.accumulate projected or variant layerwise (their"
+                        " hooks own the gradients); leave graph_tokens out")
     if method.seed < 0:
         raise UserError(f"{where}.seed must not be negative, got {method.seed}")
     if any(seed < 0 for seed in method.seeds) or len(set(method.seeds)) != len(method.seeds):

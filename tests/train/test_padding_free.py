@@ -208,6 +208,21 @@ def test_gpu_execution_runs_the_effective_batch_at_once_and_keeps_explicit_keys(
         assert fast.described["mode"] == "fast" and "batch_size" in fast.described["chosen"]
         assert fast.described["estimated_peak_gib"] <= 79.0 * 0.85
         assert fast.method.dequantized_base == (kind == "qlora")
+        # One process, no checkpointing: the rows run as bins of 4,096 tokens replayed from CUDA graphs.
+        assert m.graph_tokens == 4096 and m.cuda_graphs and fast.described["cuda_graphs"]
+        assert not fast.liger  # ONE_B names no model_type: liger is for Gemma 3 text models
+    # Two processes, or the low-memory execution's checkpointing: no bins.
+    method = _seed_method("qlora")
+    assert choose_execution(method, explicit_keys(method), device="cuda", gpu_memory_gib=79.0, shape=ONE_B,
+                            world=2, probe=False).method.graph_tokens is None
+    low = replace(method, memory_budget_gib=1.5)
+    assert choose_execution(low, explicit_keys(low), device="cuda", gpu_memory_gib=79.0, shape=ONE_B,
+                            probe=False).method.graph_tokens is None
+    gemma = {**ONE_B, "model_type": "gemma3_text"}
+    from peftlab.train.execution import liger_applies
+
+    assert choose_execution(method, explicit_keys(method), device="cuda", gpu_memory_gib=79.0, shape=gemma,
+                            probe=False).liger == liger_applies(gemma)
     # A key the YAML gives is kept.
     method = _seed_method("qlora", explicit=[*_seed_method("qlora").explicit, "gradient_checkpointing",
                                              "loss_chunk_tokens"], loss_chunk_tokens=64)

@@ -184,8 +184,10 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
 
 
 def forward_gradient_applies(lm_head) -> bool:
-    """Whether `forward_gradient_loss` can serve this output projection (a bias-free nn.Linear)."""
-    return isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and torch.is_grad_enabled()
+    """Whether `forward_gradient_loss` can serve this output projection: a bias-free nn.Linear whose
+    weight's gradient goes to `.grad` (not to a projected GaLore's `gradient_sink`)."""
+    return (isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and torch.is_grad_enabled()
+            and getattr(lm_head.weight, "gradient_sink", None) is None)
 
 
 def forward_gradient_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head, count: torch.Tensor,
