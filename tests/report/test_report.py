@@ -753,3 +753,16 @@ def test_other_templates_and_the_decoder_fallback_are_reported(tmp_path: Path) -
                   and "14.4" in line)
     assert "generate (static decoder not checked for gpt2" in galore
     assert "ChatML question" in report and "last user turn of 3" in report and "<|im_start|>" not in report
+
+
+def test_the_execution_cell_names_the_levers_that_ran():
+    from peftlab.report.sections.resources import _execution_cell
+
+    fast = {"execution": {"mode": "fast", "padding_free": True, "attention": "peftlab_varlen", "graph_tokens": 4096,
+                          "graphs": {"captured": True}, "liger_kernel": True, "gradient_checkpointing": False}}
+    assert _execution_cell(fast) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger"
+    eager = {"execution": {"mode": "as_written", "padding_free": True, "attention": "sdpa", "graph_tokens": 256,
+                           "graphs": {"captured": False}, "gradient_checkpointing": True}}
+    assert _execution_cell(eager) == "as written · padding-free · sdpa · bins · checkpointing"
+    hybrid = {"stages": [fast, {"kind": "merge"}, fast]}
+    assert _execution_cell(hybrid) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger"

@@ -24,16 +24,23 @@ def _gpu_cell(metrics: dict[str, Any], key: str) -> str:
 
 def _execution_cell(metrics: dict[str, Any]) -> str:
     """A short account of the execution that ran (peftlab.train.execution), e.g. `fast · padding-free ·
-    varlen`; a hybrid: its stages'."""
+    peftlab_varlen · CUDA graphs · liger`; a hybrid: its stages'."""
     execution = metrics.get("execution")
     if not isinstance(execution, dict):
-        stages = [s.get("execution") for s in metrics.get("stages") or [] if isinstance(s, dict)]
-        described = [_execution_cell(s) for s in stages if isinstance(s, dict)]
+        stages = [s for s in metrics.get("stages") or [] if isinstance(s, dict) and isinstance(s.get("execution"), dict)]
+        described = [_execution_cell(s) for s in stages]
         return " / ".join(dict.fromkeys(described)) if described else fmt.MISSING
     parts = [str(execution.get("mode", "?")).replace("_", " ")]
     if execution.get("padding_free"):
         parts.append("padding-free")
     parts.append(str(execution.get("attention", "?")))
+    graphs = execution.get("graphs")
+    if isinstance(graphs, dict) and graphs.get("captured"):
+        parts.append("CUDA graphs")
+    elif execution.get("graph_tokens"):
+        parts.append("bins")
+    if execution.get("liger_kernel"):
+        parts.append("liger")
     if execution.get("gradient_checkpointing"):
         parts.append("checkpointing")
     return " · ".join(parts)
