@@ -10,8 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from peftlab.config import load_config
-from peftlab.data.prepare import prepare_data
 from peftlab.train.batches import IGNORE
 from peftlab.train.graphs import (
     PAD_ROW_TOKENS,
@@ -73,14 +71,6 @@ def test_eager_bins_accumulate_into_the_same_gradients():
     assert torch.equal(weight.grad, torch.full((4,), 2.0))  # (1 + 3) / 2
     assert step.describe() == {"captured": False, "sizes": [], "eager_bins": 2, "replays": 0, "failure": None}
     assert len(step.buffers) == 1  # one size: one set of static buffers
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, gemma_tokenizer):
-    config = load_config("smoke")
-    run_dir = tmp_path_factory.mktemp("bins")
-    prepare_data(config, run_dir, gemma_tokenizer)
-    return config, run_dir
 
 
 @pytest.mark.parametrize("kind", ["qlora", "galore"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftlab.config import MethodConfig, ModelConfig, load_config
-from peftlab.data.prepare import prepare_data, read_split
+from peftlab.data.prepare import read_split
 from peftlab.train.batches import IGNORE, PadCollator, TokenizedRows
 from peftlab.train.packing import (
     PackedCollator,
@@ -19,14 +19,6 @@ from peftlab.train.packing import (
     select_rows,
 )
 from peftlab.train.runner import train_method
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, gemma_tokenizer):
-    config = load_config("smoke")
-    run_dir = tmp_path_factory.mktemp("packed")
-    prepare_data(config, run_dir, gemma_tokenizer)
-    return config, run_dir
 
 
 def _rows(run_dir, count: int, loss_on: str = "assistant"):

@@ -14,18 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftlab.config import load_config
-from peftlab.data.prepare import prepare_data
 from peftlab.train.checkpoints import checkpoint_problem, last_checkpoint, prepare_output
 from peftlab.train.runner import train_method
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, gemma_tokenizer):
-    config = load_config("smoke")
-    run_dir = tmp_path_factory.mktemp("smoke")
-    prepare_data(config, run_dir, gemma_tokenizer)
-    return config, run_dir
 
 
 def _fake_checkpoint(root: Path, step: int) -> Path:

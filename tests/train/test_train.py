@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.config import load_config
-from peftlab.data.prepare import prepare_data, read_split
+from peftlab.data.prepare import read_split
 from peftlab.train.batches import IGNORE, PadCollator, TokenizedRows
 from peftlab.train.runner import train_method
 from peftlab.train.trainer import TargetTokenTrainer
 
 VOCAB = 262_144
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, gemma_tokenizer):
-    config = load_config("smoke")
-    run_dir = tmp_path_factory.mktemp("smoke")
-    prepare_data(config, run_dir, gemma_tokenizer)
-    return config, run_dir
 
 
 def _method(config, name, **changes):
