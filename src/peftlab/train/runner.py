@@ -148,7 +148,7 @@ def train_method(
         segments=segments,
         pad_tokens_to_multiple_of=method.pad_tokens_to_multiple_of,
         pad_id=tokenizer.pad_token_id,
-        host_token_count=method.avoid_host_syncs,
+        avoid_host_syncs=method.avoid_host_syncs,
         graph_tokens=method.graph_tokens,
         cuda_graphs=method.cuda_graphs,
         max_row_tokens=config.data.max_seq_length,

@@ -48,7 +48,7 @@ class TargetTokenTrainer(Trainer):
 
     def __init__(self, *args, loss_chunk_tokens: int = 256, micro_batch_tokens: int | None = None,
                  galore_projection: str | None = None, segments: RunSegments | None = None,
-                 pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, host_token_count: bool = False,
+                 pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, avoid_host_syncs: bool = False,
                  graph_tokens: int | None = None, cuda_graphs: bool = True, max_row_tokens: int = 2048,
                  **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
@@ -60,9 +60,9 @@ class TargetTokenTrainer(Trainer):
         among the callbacks too).
 
         `pad_tokens_to_multiple_of` / `pad_id`: padding-free forwards padded to a multiple of tokens.
-        `host_token_count`: count a padding-free batch's tokens from its host-side row lengths (one
-        process: no device-to-host sync per micro-batch), and step bitsandbytes' optimizers with one
-        sync instead of one per parameter (`peftlab.train.optimizers`).
+        `avoid_host_syncs` (the method's key): count a padding-free batch's tokens from its host-side row
+        lengths (one process: no device-to-host sync per micro-batch), and step bitsandbytes' optimizers
+        with one sync instead of one per parameter (`peftlab.train.optimizers`).
 
         `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
@@ -76,7 +76,7 @@ class TargetTokenTrainer(Trainer):
         self.galore_projection = galore_projection
         self.pad_tokens_to_multiple_of = pad_tokens_to_multiple_of
         self.pad_id = pad_id
-        self.host_token_count = host_token_count
+        self.avoid_host_syncs = avoid_host_syncs
         self.tokens_seen: torch.Tensor | None = None
         self._batch_targets: torch.Tensor | None = None
         self.graph_tokens = graph_tokens
@@ -89,7 +89,7 @@ class TargetTokenTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.host_token_count:  # avoid_host_syncs: bitsandbytes' step syncs once, not per parameter
+        if self.avoid_host_syncs:  # bitsandbytes' step syncs once, not per parameter
             without_per_parameter_syncs(optimizer)
         if self.galore_projection == "gram":
             from peftlab.methods.galore_basis import seed_projectors
@@ -118,7 +118,7 @@ class TargetTokenTrainer(Trainer):
         if not (is_packed(inputs) and self.args.include_num_input_tokens_seen != "no"):
             return super()._track_num_input_tokens(inputs)
         tokens = sum(inputs["row_lengths"])
-        if self.args.world_size > 1 or not self.host_token_count:
+        if self.args.world_size > 1 or not self.avoid_host_syncs:
             tokens = int(self.accelerator.gather(torch.tensor(tokens, device=self.args.device)).sum().item())
         self.state.num_input_tokens_seen += tokens
 
@@ -140,7 +140,7 @@ class TargetTokenTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:
             # Each slice's loss is divided by the whole batch's target count, not its own (see compute_loss).
-            self._batch_targets = (inputs["labels"][:, 1:] != -100).sum()
+            self._batch_targets = target_count(inputs["labels"])
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         total = None
         try:
@@ -156,6 +156,9 @@ class TargetTokenTrainer(Trainer):
             self._batch_targets = None
         return total
 
+    def _add_tokens_seen(self, seen) -> None:
+        self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
+
     def _binned_step(self, model, inputs, num_items_in_batch):
         """The batch's rows as fixed-size bins, each one forward + backward, captured and replayed as a
         CUDA graph after the first bins (`peftlab.train.graphs`); the loss the Trainer logs."""
@@ -163,10 +166,9 @@ class TargetTokenTrainer(Trainer):
         lengths = inputs["row_lengths"]
         if max(lengths) > self.max_row_tokens:
             raise ValueError(f"a row of {max(lengths)} tokens is longer than max_row_tokens={self.max_row_tokens}")
-        seen = sum(lengths)
-        self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
+        self._add_tokens_seen(sum(lengths))
         if num_items_in_batch is None:
-            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE).sum()
+            num_items_in_batch = target_count(inputs["labels"])
         if self.graphed is None:
             trained = [param for param in model.parameters() if param.requires_grad]
             self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
@@ -211,8 +213,7 @@ class TargetTokenTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = is_packed(inputs)
-        seen = sum(inputs["row_lengths"]) if packed else inputs["attention_mask"].sum()
-        self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
+        self._add_tokens_seen(sum(inputs["row_lengths"]) if packed else inputs["attention_mask"].sum())
         causal_lm = base_model(model)
         if packed:
             inputs = pad_to_multiple(inputs, self.pad_tokens_to_multiple_of, self.pad_id)
@@ -223,7 +224,7 @@ class TargetTokenTrainer(Trainer):
         if num_items_in_batch is not None:
             count = num_items_in_batch
         else:
-            count = self._batch_targets if self._batch_targets is not None else (labels[:, 1:] != -100).sum()
+            count = self._batch_targets if self._batch_targets is not None else target_count(labels)
         # `count` is the token count of all ranks, and DDP / FSDP average gradients over ranks.
         scale = (self.accelerator.num_processes
                  if num_items_in_batch is not None and self.args.average_tokens_across_devices else None)
@@ -244,6 +245,11 @@ class TargetTokenTrainer(Trainer):
             hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], **forward)
         loss = target_token_mean(causal_lm, hidden, labels, count, scale, self.loss_chunk_tokens)
         return (loss, None) if return_outputs else loss
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """The batch's target tokens: labels shifted by one, -100 ignored (what the loss divides by)."""
+    return (labels[:, 1:] != IGNORE).sum()
 
 
 def token_budget_slices(attention_mask: torch.Tensor, budget: int | None) -> list[tuple[torch.Tensor, int]]:
