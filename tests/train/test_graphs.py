@@ -69,7 +69,8 @@ def test_eager_bins_accumulate_into_the_same_gradients():
     loss = step(ones, 2) + step({"input_ids": torch.full((4,), 3, dtype=torch.long)}, torch.tensor(2))
     assert loss.item() == pytest.approx(weight.sum().item() * 2)
     assert torch.equal(weight.grad, torch.full((4,), 2.0))  # (1 + 3) / 2
-    assert step.describe() == {"captured": False, "sizes": [], "eager_bins": 2, "replays": 0, "failure": None}
+    assert step.describe() == {"captured": False, "sizes": [], "eager_bins": 2, "replays": 0, "failure": None,
+                               "warmup_s": 0.0, "capture_s": 0.0}  # CPU: no warm-up before a capture
     assert len(step.buffers) == 1  # one size: one set of static buffers
 
 
@@ -123,3 +124,40 @@ def test_loss_with_gradients_in_forward_equals_the_recomputed_one(softcap, train
         torch.testing.assert_close(fused_weight_grad, weight_grad)
     else:
         assert fused_weight_grad is None and weight_grad is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger-kernel's Triton cross-entropy runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("trains", [False, True])
+def test_the_triton_cross_entropy_gives_the_torch_loss_and_gradients(dtype, softcap, trains, monkeypatch):
+    from peftlab.train import vocab_loss
+
+    if vocab_loss._liger_kernel() is None:
+        pytest.skip("liger-kernel is not installed (pip install 'peftlab[gpu]')")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=generator).cuda().to(dtype)
+    targets = torch.randint(0, 1000, (300,), generator=generator).cuda()
+    targets[::3] = IGNORE
+    count = (targets != IGNORE).sum()
+    weight = (torch.randn(1000, 64, generator=torch.Generator().manual_seed(1)) / 4).cuda().to(dtype)
+    calls = []
+    kernel = vocab_loss._liger_kernel()
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(vocab_loss, "_liger_kernel", (lambda: calls.append(1) or kernel) if fused else lambda: None)
+        lm_head = torch.nn.Linear(64, 1000, bias=False, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            lm_head.weight.copy_(weight)
+        lm_head.weight.requires_grad_(trains)
+        h = hidden.clone().requires_grad_()
+        loss = vocab_loss.forward_gradient_loss(h, targets, lm_head, count, softcap, chunk=128)
+        loss.backward()
+        results.append((loss.detach(), h.grad.float(), None if lm_head.weight.grad is None else lm_head.weight.grad.float()))
+    assert calls, "the Triton kernel was not used"
+    (loss, grad, weight_grad), (fused_loss, fused_grad, fused_weight_grad) = results
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_grad, grad, **tolerance)
+    if trains:
+        torch.testing.assert_close(fused_weight_grad, weight_grad, **tolerance)

@@ -61,6 +61,7 @@ def bench_row(spec: BenchSpec, result: dict[str, Any], gpu: str | None) -> dict[
         "mfu": metrics["tokens_per_s"] * per_token / peak if peak else None,
         "peak_alloc_gib": metrics["peak_gpu_alloc_gib"], "peak_reserved_gib": metrics["peak_gpu_reserved_gib"],
         "step_s_median": metrics.get("step_s_median"), "first_step_s": metrics.get("first_step_s"),
+        "first_steps_s": metrics.get("first_steps_s"),
         "max_seq_length": result["max_seq_length"], "rows": result["rows"],
         "optimizer_steps": metrics["optimizer_steps"], "tokens_trained": metrics["tokens_trained"],
         "train_time_s": metrics["train_time_s"], "flops_per_token": per_token,

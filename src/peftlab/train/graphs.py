@@ -21,6 +21,7 @@ same bins run eagerly on the same static buffers (`capture=False`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,7 @@ class GraphedForwardBackward:
         self.failure: str | None = None
         self.eager_bins = 0
         self.replays = 0
+        self.seconds = {"warmup": 0.0, "capture": 0.0}  # host wall time of the eager warm-up bins and captures
 
     def __call__(self, values: dict[str, torch.Tensor], count: torch.Tensor | int) -> torch.Tensor:
         size = values["input_ids"].shape[-1]
@@ -148,7 +150,8 @@ class GraphedForwardBackward:
 
     def describe(self) -> dict[str, Any]:
         return {"captured": bool(self.graphs), "sizes": sorted(self.graphs), "eager_bins": self.eager_bins,
-                "replays": self.replays, "failure": self.failure}
+                "replays": self.replays, "failure": self.failure,
+                "warmup_s": round(self.seconds["warmup"], 3), "capture_s": round(self.seconds["capture"], 3)}
 
     def _fill(self, size: int, values: dict[str, torch.Tensor], count: torch.Tensor | int) -> dict[str, torch.Tensor]:
         if size not in self.buffers:
@@ -171,12 +174,15 @@ class GraphedForwardBackward:
             loss.backward()
             return loss.detach()
         # Warm-up before a capture runs on a side stream (PyTorch's whole-network capture recipe).
+        started = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             loss = self.loss_fn(buffers)
             loss.backward()
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()  # a few bins before the first capture only: timed for `describe`
+        self.seconds["warmup"] += time.perf_counter() - started
         return loss.detach()
 
     def _capture(self, size: int, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,6 +195,7 @@ class GraphedForwardBackward:
                 param.grad = torch.zeros_like(param)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
@@ -202,6 +209,8 @@ class GraphedForwardBackward:
         self.grads = [param.grad for param in self.params]
         graph.replay()
         self.replays += 1
+        torch.cuda.synchronize()  # once per bin size
+        self.seconds["capture"] += time.perf_counter() - started
         return static_loss.detach().clone()
 
     def _restore_grads(self) -> None:

@@ -99,6 +99,10 @@ def measure() -> Iterator[Measurement]:
         result.started = result.sampler = None
 
 
+# Steps whose own durations `StepTimes.summary` lists: where a short run's warm-up ends.
+FIRST_STEPS = 8
+
+
 class StepTimes(TrainerCallback):
     """Wall time of each optimizer step (a `transformers` callback; synchronises the GPU per step)."""
 
@@ -125,7 +129,8 @@ class StepTimes(TrainerCallback):
         if not self.durations:
             return {"first_step_s": None, "step_s_median": None}
         ordered = sorted(self.durations[1:] or self.durations)
-        return {"first_step_s": self.durations[0], "step_s_median": ordered[len(ordered) // 2]}
+        return {"first_step_s": self.durations[0], "step_s_median": ordered[len(ordered) // 2],
+                "first_steps_s": [round(duration, 4) for duration in self.durations[:FIRST_STEPS]]}
 
 
 def peak_allocation_sites(trace: list[dict], baseline_bytes: int = 0, top: int = 15) -> dict:
