@@ -55,3 +55,48 @@ def build(ctx: BuildContext) -> Recipe:
     model = get_peft_model(model, lora_config(ctx.method.lora))
     optim = "adamw_torch" if ctx.method.optimizer == "auto" else ctx.method.optimizer
     return Recipe(model=model, saves="adapter", optimizer_name=optim, trainer_optim=optim)
+
+
+def fuse_adapter_additions(model: nn.Module) -> int:
+    """Give every PEFT LoRA linear layer (plain or bitsandbytes 4-bit) a forward that adds its adapter's
+    output with one `addmm` (base + scaling * B(A(dropout(x)))) instead of a matmul, a scaling multiply
+    and an addition: two full-size element-wise passes fewer in forward and one in backward per layer
+    (besides the 4-bit layer's defensive copy of the base output), with one rounding instead of three.
+    Anything but a single plain adapter (DoRA, several adapters, merged, an adapter bias, dtypes that
+    differ outside autocast) runs PEFT's own forward. Returns the number of layers given it."""
+    import types
+
+    from peft.tuners.lora import layer as lora_layers
+
+    kinds: tuple[type, ...] = (lora_layers.Linear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        kinds += (Linear4bit,)
+    except ImportError:  # bitsandbytes not installed
+        pass
+    count = 0
+    for module in model.modules():
+        if isinstance(module, kinds) and "forward" not in vars(module):
+            module.forward = types.MethodType(_forward_with_fused_addition, module)
+            count += 1
+    return count
+
+
+def _forward_with_fused_addition(self, x, *args, **kwargs):
+    import torch
+
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    plain = (name is not None and not args and not kwargs and not self.disable_adapters and not self.merged
+             and name in self.lora_A and name not in getattr(self, "lora_variant", {})
+             and self.lora_B[name].bias is None)
+    if plain and not torch.is_autocast_enabled(x.device.type):
+        plain = x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    hidden = self.lora_A[name](self.lora_dropout[name](x))
+    added = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                        self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return added.view(result.shape).to(result.dtype)

@@ -223,7 +223,8 @@ def train_method(
         "rows": len(dataset),
         "method_config": asdict(recipe_config),
         "execution": {**execution.described,
-                      **({"graphs": trainer.graphed.describe()} if trainer.graphed is not None else {})},
+                      **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters}}
+                         if trainer.graphed is not None else {})},
         "notes": recipe.notes,
         "versions": package_versions(),
     }

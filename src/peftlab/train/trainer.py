@@ -14,6 +14,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from peftlab.config import MethodConfig
 from peftlab.console import StageProgress
 from peftlab.methods import Recipe
+from peftlab.methods.lora import fuse_adapter_additions
 from peftlab.models import base_model
 from peftlab.train.batches import IGNORE
 from peftlab.train.graphs import (
@@ -83,6 +84,7 @@ class TargetTokenTrainer(Trainer):
         self.cuda_graphs = cuda_graphs
         self.max_row_tokens = max_row_tokens
         self.graphed: GraphedForwardBackward | None = None
+        self.fused_adapters = 0  # LoRA layers adding their output with one addmm (the binned step's)
         if self.is_fsdp_enabled:
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
             enable_target_token_forward(base_model(self.model))
@@ -170,6 +172,7 @@ class TargetTokenTrainer(Trainer):
         if num_items_in_batch is None:
             num_items_in_batch = target_count(inputs["labels"])
         if self.graphed is None:
+            self.fused_adapters = fuse_adapter_additions(model)
             trained = [param for param in model.parameters() if param.requires_grad]
             self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
                                                   capture=self.cuda_graphs and self.args.device.type == "cuda")
@@ -177,7 +180,8 @@ class TargetTokenTrainer(Trainer):
         total = None
         for rows in pack_bins(lengths, self.graph_tokens, rows_per_bin):
             size = bin_size(sum(lengths[row] for row in rows), self.graph_tokens)
-            layout = BinLayout(lengths, rows, size, row_slots(size, rows_per_bin))
+            layout = BinLayout(lengths, rows, size, row_slots(size, rows_per_bin),
+                               pin=self.args.device.type == "cuda")
             values = {key: value.to(self.args.device, non_blocking=True)
                       for key, value in bin_tensors(inputs, layout, self.pad_id).items()}
             loss = self.graphed(values, num_items_in_batch)
@@ -323,6 +327,11 @@ def training_arguments(method: MethodConfig, out: Path, device: str, dtype, reci
         # wrapped modules (PEFT then saves empty adapters) and replays dropout with a new RNG state.
         extra["fsdp_config"] = {"transformer_layer_cls_to_wrap": [type(layer).__name__],
                                 "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False}
+    if method.avoid_host_syncs and device == "cuda":
+        # Pinned batches copied without blocking the host: a blocking copy waits for the previous step's
+        # kernels, and the GPU then idles while the host prepares the next ones.
+        extra["accelerator_config"] = {"non_blocking": True}
+        extra["dataloader_pin_memory"] = True
     if recipe.trainer_optim_args is not None:
         extra["optim_args"] = recipe.trainer_optim_args
         extra["optim_target_modules"] = recipe.trainer_optim_targets

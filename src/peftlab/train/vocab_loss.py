@@ -198,7 +198,7 @@ def _liger_kernel():
         from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
     except Exception:  # not installed, or no Triton for this device
         return None
-    if not _LIGER_ARGUMENTS <= set(getattr(liger_cross_entropy_kernel, "arg_names", ())):
+    if not set(getattr(liger_cross_entropy_kernel, "arg_names", ())) >= _LIGER_ARGUMENTS:
         return None
     return liger_cross_entropy_kernel
 
