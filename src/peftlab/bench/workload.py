@@ -57,6 +57,8 @@ HYBRID_STAGES = ("qlora", "galore")
 PROFILES["default-eager"] = {**PROFILES["default"], "cuda_graphs": False}
 PROFILES["default-unbinned"] = {**PROFILES["default"], "graph_tokens": None}
 PROFILES["default-noliger"] = {**PROFILES["default"], "liger_kernel": False}
+# The quality check: the default path's loss curve against padded rows without fused kernels.
+PROFILES["default-padded"] = {**PROFILES["default"], "padding_free": False, "liger_kernel": False}
 PROFILES["fast-liger"] = {**PROFILES["fast"], "liger_kernel": True}
 PROFILES["fast-compile"] = {**PROFILES["fast"], "torch_compile": True}
 # Per-method changes to a profile: low-memory GaLore keeps its Adam states in 8 bits, sums its gradients at
