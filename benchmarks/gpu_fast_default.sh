@@ -5,7 +5,8 @@
 # STAGES (default "tests,bench,attention,study") picks the parts; BENCH_STEPS (default -1: the whole
 # workload, one epoch) caps the bench's optimizer steps.
 # In this order, each under the remaining time, each writing its JSON as it goes (a cut keeps what finished):
-#   (0) $OUT/gpu-tests.txt   the CUDA cases of the optimizer-step tests (bitwise against the libraries)
+#   (0) $OUT/gpu-tests.txt   the CUDA cases of the optimizer-step tests (bitwise against the libraries) and of
+#                            the Triton cross-entropy (against the torch loss)
 #   (a) $OUT/bench.json      `peftlab bench train --reference --methods qlora,galore --profiles default,lowmem`
 #                            (reference, default and lowmem rows of one file, same GPU)
 #   (b) $OUT/attention.json  padding-free attention kernels with the sliding window (benchmarks/attention_varlen.py)
@@ -32,7 +33,8 @@ STAGES=${STAGES:-tests,bench,attention,study}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
   log "(0) GPU tests"
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py > "$OUT/gpu-tests.txt" 2>&1
+  { timeout 100 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py
+    timeout 100 python -m pytest -q -p no:cacheprovider tests/train/test_graphs.py -k triton; } > "$OUT/gpu-tests.txt" 2>&1
   log "(0) tests rc=$? $(tail -1 "$OUT/gpu-tests.txt")"
 fi
 reserve=230
