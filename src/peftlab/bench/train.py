@@ -159,6 +159,7 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
             report["runs"] = [r for r in report["runs"] if r not in kept]
             report["kept_runs"] = [k for k in report["kept_runs"] if k[0].split(":")[0] != method or k[1] != profile]
         print(f"[{index}/{len(plan)}] {method} / {profile}", file=sys.stderr, flush=True)
+        cached_kernels = triton_cache_files()
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as work:
             spec = replace(spec, work_dir=work)
             result = run_in_subprocess(spec, Path(work))
@@ -167,6 +168,8 @@ def run_bench(methods: list[str], profiles: list[str], *, reference: bool, shape
         else:
             rows = [bench_row(spec, result, gpu) if "metrics" in result else {"method": method, "profile": profile,
                                                                               **result}]
+        for row in rows:  # a cold cache: this run compiled its Triton kernels (liger) inside its loop
+            row["triton_cache_files_at_start"] = cached_kernels
         report["runs"] = plan_order([*report["runs"], *rows], plan)
         if out is not None:
             _write(out, report)
@@ -201,3 +204,11 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                      f" {num(run['peak_alloc_gib'], '.2f', 11, ' GiB')} {num(run['peak_reserved_gib'], '.2f', 9, ' GiB')}"
                      f" {num(run['step_s_median'], '.2f', 7)}")
     return "\n".join(lines)
+
+
+def triton_cache_files() -> int:
+    """Files in Triton's kernel cache (TRITON_CACHE_DIR, else ~/.triton/cache): 0 on a fresh machine."""
+    import os
+
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0
