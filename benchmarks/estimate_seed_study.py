@@ -70,8 +70,10 @@ def estimate(study: dict[str, Any], bench: dict[str, Any] | None = None) -> dict
             out["missing"].append(f"train {name}")
             continue
         metrics = stage["metrics"]
+        tokens = train_rows * method.epochs * mean_tokens
         if method.kind == "hybrid":
             parts = []
+            tokens = 0.0
             trained = iter(s for s in metrics.get("stages") or [] if s.get("kind") != "merge")
             for config_stage in method.stages:
                 if config_stage.method == "merge":
@@ -80,12 +82,13 @@ def estimate(study: dict[str, Any], bench: dict[str, Any] | None = None) -> dict
                     continue
                 measured = next(trained)
                 epochs = config_stage.epochs or seed.method(config_stage.method).epochs
+                tokens += train_rows * epochs * mean_tokens
                 parts.append(train_seconds(measured, epochs, seed.method(config_stage.method).kind))
             seconds = sum(parts)
         else:
             seconds = train_seconds(metrics, method.epochs, method.kind)
-        rate = rates.get(method.kind, {}).get("tokens_per_s") if method.kind != "hybrid" else None
-        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": rate or metrics["tokens_per_s"]}
+        # Whole-stage tokens / seconds: a hybrid's stages and merge, first-step overheads and loads included.
+        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds}
     for name, stage in stages.items():
         if not name.startswith("evaluate "):
             continue
