@@ -13,6 +13,10 @@ for this loss with Gemma's soft-capping, so it is written here.
 A weight with a `gradient_sink` (projected GaLore) gets its gradient by blocks of vocabulary rows
 instead, handed to the sink; it then never exists whole.
 
+On CUDA with liger-kernel installed, the forward-gradient loss runs each chunk through liger's Triton
+cross-entropy kernel (called directly: liger's autograd functions read the target count on the host,
+which a CUDA graph cannot capture).
+
 Only for a single process and a weight that the input embedding shares: the embedding lookup's
 gradient then still reaches the parameter through autograd, so hooks on it (layer-wise optimizers)
 run once the whole gradient is in place. Under DDP / FSDP the reducers own `.grad`: not used there.
@@ -227,7 +231,7 @@ def _fused_softmax_gradient_(kernel, logits: torch.Tensor, targets: torch.Tensor
                     loss_ptr=losses, loss_stride=1, n_cols=vocabulary, n_non_ignore=1.0, ignore_index=-100,
                     label_smoothing=0.0, reduction="sum", softcap=softcap, RETURN_Z_LOSS=False,
                     HAS_SOFTCAPPING=bool(softcap), BLOCK_SIZE=min(32768, triton.next_power_of_2(vocabulary)),
-                    num_warps=32, **optional)
+                    num_warps=16 if torch.version.hip else 32, **optional)  # liger's own choice per vendor
     return losses.sum()
 
 
