@@ -88,7 +88,7 @@ def estimate(study: dict[str, Any], bench: dict[str, Any] | None = None) -> dict
         else:
             seconds = train_seconds(metrics, method.epochs, method.kind)
         # Whole-stage tokens / seconds: a hybrid's stages and merge, first-step overheads and loads included.
-        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds}
+        out["stages"][f"train {name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None}
     for name, stage in stages.items():
         if not name.startswith("evaluate "):
             continue

@@ -33,9 +33,10 @@ STAGES=${STAGES:-tests,bench,attention,study}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
   log "(0) GPU tests"
-  { timeout 100 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/train/test_graphs.py -k triton; } > "$OUT/gpu-tests.txt" 2>&1
-  log "(0) tests rc=$? $(tail -1 "$OUT/gpu-tests.txt")"
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py > "$OUT/gpu-tests.txt" 2>&1
+  optimizer_rc=$?
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/train/test_graphs.py -k triton >> "$OUT/gpu-tests.txt" 2>&1
+  log "(0) tests rc=$optimizer_rc,$? $(grep -E ' passed| failed' "$OUT/gpu-tests.txt" | tr '\n' ' ')"
 fi
 reserve=230
 has attention || reserve=$((reserve - 60))

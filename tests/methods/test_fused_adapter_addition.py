@@ -73,3 +73,24 @@ def test_bf16_autocast_adds_in_one_rounding():
         got, expected = fused(x), peft_model(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def _fp32_forward(linear):
+    def forward(x):
+        with torch.autocast("cpu", enabled=False):  # a base layer that computes in fp32 under autocast
+            return torch.nn.functional.linear(x.float(), linear.weight, linear.bias)
+    return forward
+
+
+def test_an_fp32_base_output_under_autocast_is_not_rounded():
+    peft_model, fused = _models()
+    fuse_adapter_additions(fused)
+    for model in (peft_model, fused):
+        base = model.base_model.model.up_proj.base_layer
+        base.forward = _fp32_forward(base)
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused.base_model.model.up_proj(x)
+        expected = peft_model.base_model.model.up_proj(x)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

@@ -156,6 +156,10 @@ def test_the_triton_cross_entropy_gives_the_torch_loss_and_gradients(dtype, soft
         loss.backward()
         results.append((loss.detach(), h.grad.float(), None if lm_head.weight.grad is None else lm_head.weight.grad.float()))
     assert calls, "the Triton kernel was not used"
+    calls.clear()
+    h = hidden.clone().requires_grad_()
+    vocab_loss.forward_gradient_loss(h, targets, lm_head, count, softcap, chunk=128, triton=False).backward()
+    assert not calls  # liger turned off in the YAML: the torch loss
     (loss, grad, weight_grad), (fused_loss, fused_grad, fused_weight_grad) = results
     tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
     torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)

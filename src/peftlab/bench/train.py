@@ -207,8 +207,10 @@ def format_table(runs: list[dict[str, Any]]) -> str:
 
 
 def triton_cache_files() -> int:
-    """Files in Triton's kernel cache (TRITON_CACHE_DIR, else ~/.triton/cache): 0 on a fresh machine."""
+    """Files in Triton's kernel cache (TRITON_CACHE_DIR, else $TRITON_HOME or ~, /.triton/cache): 0 on a
+    fresh machine."""
     import os
 
-    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    home = os.environ.get("TRITON_HOME") or Path.home()
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
     return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0

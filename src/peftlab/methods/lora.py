@@ -91,12 +91,16 @@ def _forward_with_fused_addition(self, x, *args, **kwargs):
     plain = (name is not None and not args and not kwargs and not self.disable_adapters and not self.merged
              and name in self.lora_A and name not in getattr(self, "lora_variant", {})
              and self.lora_B[name].bias is None)
-    if plain and not torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if plain and not autocast:
         plain = x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     hidden = self.lora_A[name](self.lora_dropout[name](x))
+    if autocast and result.dtype != torch.get_autocast_dtype(x.device.type):
+        # addmm would round this base output to autocast's dtype: add as PEFT does instead.
+        return result + self.lora_B[name](hidden) * self.scaling[name]
     added = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
                         self.lora_B[name].weight.t(), alpha=self.scaling[name])
     return added.view(result.shape).to(result.dtype)

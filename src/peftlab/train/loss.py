@@ -68,16 +68,19 @@ def target_token_mean(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, cou
     return loss
 
 
-def bin_loss(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, chunk: int) -> torch.Tensor:
+def bin_loss(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, chunk: int,
+             triton: bool = True) -> torch.Tensor:
     """The loss of a [1, tokens] packed bin: cross-entropy summed at every position (labels shifted by
     one, -100 contributing nothing) over `count`, the step's target count. Fixed shapes and no boolean
     indexing, so a CUDA graph can capture it (`peftlab.train.graphs`); the same value as
     `target_token_mean`'s. Gradients are computed in forward where the output projection allows
-    (`vocab_loss.forward_gradient_loss`); else chunks recomputed in backward."""
+    (`vocab_loss.forward_gradient_loss`, through liger-kernel's Triton cross-entropy on CUDA if `triton`);
+    else chunks recomputed in backward."""
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     lm_head = causal_lm.get_output_embeddings()
     if vocab_loss.forward_gradient_applies(lm_head):
-        return vocab_loss.forward_gradient_loss(hidden[0, :-1], labels[0, 1:], lm_head, count, softcap, chunk)
+        return vocab_loss.forward_gradient_loss(hidden[0, :-1], labels[0, 1:], lm_head, count, softcap, chunk,
+                                                triton=triton)
     summed = target_token_loss_sum(hidden[0, :-1], labels[0, 1:], lm_head, softcap, chunk, preserve_rng_state=False)
     return summed / count
 

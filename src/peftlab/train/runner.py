@@ -152,6 +152,8 @@ def train_method(
         graph_tokens=method.graph_tokens,
         cuda_graphs=method.cuda_graphs,
         max_row_tokens=config.data.max_seq_length,
+        # liger's Triton cross-entropy serves any model's binned loss, unless the YAML turns liger off.
+        triton_loss=execution.liger or "liger_kernel" not in config.model.explicit,
     )
 
     # Train (checkpoint writes are timed apart: see peftlab.train.segments)

@@ -51,7 +51,7 @@ class TargetTokenTrainer(Trainer):
                  galore_projection: str | None = None, segments: RunSegments | None = None,
                  pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, avoid_host_syncs: bool = False,
                  graph_tokens: int | None = None, cuda_graphs: bool = True, max_row_tokens: int = 2048,
-                 **kwargs) -> None:
+                 triton_loss: bool = True, **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
         `micro_batch_tokens`: split each micro-batch into slices of at most this many tokens (padded
         tokens, rows x longest, for padded batches; real tokens for padding-free ones).
@@ -67,7 +67,8 @@ class TargetTokenTrainer(Trainer):
 
         `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
-        `max_row_tokens`: the longest row the data holds (the variable-length kernels' fixed bound)."""
+        `max_row_tokens`: the longest row the data holds (the variable-length kernels' fixed bound);
+        `triton_loss`: the bins' vocabulary loss may use liger-kernel's Triton cross-entropy on CUDA."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)
@@ -82,6 +83,7 @@ class TargetTokenTrainer(Trainer):
         self._batch_targets: torch.Tensor | None = None
         self.graph_tokens = graph_tokens
         self.cuda_graphs = cuda_graphs
+        self.triton_loss = triton_loss
         self.max_row_tokens = max_row_tokens
         self.graphed: GraphedForwardBackward | None = None
         self.fused_adapters = 0  # LoRA layers adding their output with one addmm (the binned step's)
@@ -204,7 +206,7 @@ class TargetTokenTrainer(Trainer):
                 else contextlib.nullcontext()
             with precision:
                 hidden = decoder(input_ids=buffers["input_ids"], use_cache=False, **forward).last_hidden_state
-            return bin_loss(causal_lm, hidden, buffers["labels"], buffers["count"], chunk)
+            return bin_loss(causal_lm, hidden, buffers["labels"], buffers["count"], chunk, triton=self.triton_loss)
 
         return loss
 

@@ -150,7 +150,7 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
     step (`peftlab.train.graphs`), which calls `backward()` on this loss itself."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, count, softcap, chunk):
+    def forward(ctx, hidden, weight, targets, count, softcap, chunk, triton):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.to(weight.dtype)
             scale = count.to(torch.float32).reciprocal()
@@ -159,13 +159,13 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
             trains = weight.requires_grad
             if trains and weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
-            fused = _liger_kernel() if hidden.is_cuda else None
+            fused = _liger_kernel() if hidden.is_cuda and triton else None
             for start in range(0, hidden.shape[0], chunk):
                 h, y = hidden[start:start + chunk], targets[start:start + chunk]
                 if fused is not None:
                     grad_logits = F.linear(h, weight)
                     total += _fused_softmax_gradient_(fused, grad_logits, y, softcap)
-                    grad_hidden[start:start + chunk] = torch.mm(grad_logits, weight).mul_(scale)
+                    torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk]).mul_(scale)
                     if trains:
                         weight.grad.addmm_(grad_logits.t(), h * scale)
                     del grad_logits
@@ -193,7 +193,7 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 def _liger_kernel():
@@ -202,12 +202,14 @@ def _liger_kernel():
         from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
     except Exception:  # not installed, or no Triton for this device
         return None
-    if not set(getattr(liger_cross_entropy_kernel, "arg_names", ())) >= _LIGER_ARGUMENTS:
+    names = set(getattr(liger_cross_entropy_kernel, "arg_names", ()))
+    # Every argument known: a release that adds or renames one (and may compute otherwise) is not used.
+    if not _LIGER_ARGUMENTS <= names <= _LIGER_ARGUMENTS | _LIGER_OPTIONAL.keys():
         return None
     return liger_cross_entropy_kernel
 
 
-# The arguments this module passes (liger-kernel 0.6 - 0.8); a kernel with other arguments is not used.
+# The arguments this module passes (liger-kernel 0.8); a kernel with any other argument is not used.
 _LIGER_ARGUMENTS = {"X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss_stride", "n_cols", "n_non_ignore",
                     "ignore_index", "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS", "BLOCK_SIZE",
                     "HAS_SOFTCAPPING"}
@@ -225,6 +227,8 @@ def _fused_softmax_gradient_(kernel, logits: torch.Tensor, targets: torch.Tensor
 
     rows, vocabulary = logits.shape
     losses = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    # A fresh (aligned) copy: Triton specialises on pointer alignment, and a view's chunks alternate in it.
+    targets = targets.clone()
     names = set(kernel.arg_names)
     optional = {key: value for key, value in _LIGER_OPTIONAL.items() if key in names}
     kernel[(rows,)](X_ptr=logits, X_stride=logits.stride(0), Y_ptr=targets, Y_stride=targets.stride(0),
@@ -243,7 +247,8 @@ def forward_gradient_applies(lm_head) -> bool:
 
 
 def forward_gradient_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head, count: torch.Tensor,
-                          softcap: float | None, chunk: int) -> torch.Tensor:
+                          softcap: float | None, chunk: int, triton: bool = True) -> torch.Tensor:
     """The token-mean cross-entropy (sum over targets / `count`) with gradients computed in forward
-    (see `_CrossEntropyWithForwardGradient`)."""
-    return _CrossEntropyWithForwardGradient.apply(hidden, lm_head.weight, targets, count, softcap, chunk)
+    (see `_CrossEntropyWithForwardGradient`); on CUDA through liger-kernel's Triton cross-entropy when it
+    is installed and `triton`."""
+    return _CrossEntropyWithForwardGradient.apply(hidden, lm_head.weight, targets, count, softcap, chunk, triton)
