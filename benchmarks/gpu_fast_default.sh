@@ -2,7 +2,7 @@
 # Issue 20 on one GPU in ONE device call (at most 600 s), from the repository root, .carry carried
 # (scripts/build_carry.sh): wheels, tokenizer, samples.
 #   bash benchmarks/gpu_fast_default.sh SAMPLES_DIR [TOKENIZER_DIR]     # e.g. /tmp/samples /tmp/tok
-# STAGES (default "tests,bench,attention,study") picks the parts; BENCH_STEPS (default -1: the whole
+# STAGES (default "tests,bench,attention,study"; `projection` adds (p)) picks the parts; BENCH_STEPS (default -1: the whole
 # workload, one epoch) caps the bench's optimizer steps.
 # In this order, each under the remaining time, each writing its JSON as it goes (a cut keeps what finished):
 #   (0) $OUT/gpu-tests.txt   the CUDA cases of the optimizer-step tests (bitwise against the libraries) and of
@@ -10,6 +10,8 @@
 #   (a) $OUT/bench.json      `peftlab bench train --reference --methods qlora,galore --profiles default,lowmem`
 #                            (reference, default and lowmem rows of one file, same GPU)
 #   (b) $OUT/attention.json  padding-free attention kernels with the sliding window (benchmarks/attention_varlen.py)
+#   (p) $OUT/projection.json GaLore's projection refresh, the shipped basis beside its batched and threaded
+#                            forms (benchmarks/galore_projection.py; only when STAGES names `projection`)
 #   (c) $OUT/study.json      a whole `peftlab study` of the seed-shaped rehearsal, each stage timed
 #                            (benchmarks/study_rehearsal.py), and $OUT/seed-estimate.json: the full seed
 #                            study's time on this GPU derived from it (benchmarks/estimate_seed_study.py)
@@ -51,6 +53,14 @@ timeout $(( $(left) - reserve )) python -m peftlab bench train --reference --met
   --profiles default,lowmem --max-steps "${BENCH_STEPS:--1}" --data "$SAMPLES" --tokenizer "$TOK" \
   --out "$OUT/bench.json" "${resume[@]}" >> "$OUT/run.log" 2>&1
 log "(a) bench rc=$? (124: cut; the finished runs are in bench.json)"
+fi
+
+if has projection; then
+  log "(p) GaLore projection refresh"
+  timeout $(( $(left) < 120 ? $(left) : 120 )) python benchmarks/galore_projection.py --data "$SAMPLES" --tokenizer "$TOK" \
+    --skip svd_gesvdj,svd_gesvda,gram_eigh,gram_eigh_batched,svd_lowrank,gram_eigh64 --out "$OUT/projection.json" \
+    >> "$OUT/run.log" 2>&1
+  log "(p) projection rc=$?"
 fi
 
 has attention || log "(b) skipped"
