@@ -60,6 +60,35 @@ def test_foreach_galore_adamw_gives_galore_torchs_update_to_the_bit(device, dtyp
             torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_refresh_gives_the_same_updates(device, monkeypatch):
+    from peftlab.methods import galore_basis
+    from peftlab.methods.galore_foreach import ForeachGaLoreAdamW
+
+    counted: list[int] = []
+    prefetch = galore_basis.prefetch_bases
+    monkeypatch.setattr(galore_basis, "prefetch_bases", lambda due: counted.append(prefetch(due)) or counted[-1])
+    results = []
+    for batched in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        # Two weights of one shape (one batched eigensolve for both), a wide one, and an unprojected one.
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device))
+                  for shape in [(24, 16), (24, 16), (16, 40), (8,)]]
+        optimizer = ForeachGaLoreAdamW([{"params": params[:3], "rank": 4, "update_proj_gap": 2, "scale": 0.25,
+                                         "proj_type": "std"}, {"params": params[3:]}], lr=1e-2,
+                                       no_deprecation_warning=True, foreach=True, batched_refresh=batched)
+        galore_basis.seed_projectors(optimizer)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=grads).to(device)
+            optimizer.step()
+        results.append(params)
+    assert counted == [3, 0, 3, 0, 3]  # every projected weight, refreshed at steps 0, 2 and 4
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_foreach_galore_adamw_runs_galore_torchs_loop_on_a_cpu():
     from galore_torch import GaLoreAdamW
 

@@ -39,16 +39,44 @@ def basis_from_gram(gram: torch.Tensor, rank: int, side: Literal["left", "right"
     """The top-`rank` eigenvectors of `gram`, as galore-torch lays out its basis: `right` r x n rows
     (Vh[:r]), `left` m x r columns (U[:, :r]); largest eigenvalue first."""
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    top = vectors[:, -min(rank, gram.shape[0]):].flip(-1)
+    return _laid_out(vectors, rank, side, dtype)
+
+
+def _laid_out(vectors: torch.Tensor, rank: int, side: Literal["left", "right"], dtype: torch.dtype) -> torch.Tensor:
+    top = vectors[:, -min(rank, vectors.shape[0]):].flip(-1)
     return (top.t() if side == "right" else top).contiguous().to(dtype)
+
+
+def gradient_gram(grad: torch.Tensor, side: Literal["left", "right"]) -> torch.Tensor:
+    """The fp64 Gram matrix of `grad`'s `side`: G^T G (right) or G G^T (left), summed over row blocks."""
+    rows = grad if side == "right" else grad.t()  # the Gram matrix of `rows`' rows is G^T G or G G^T
+    blocks = (rows[start:start + ROW_BLOCK] for start in range(0, rows.shape[0], ROW_BLOCK))
+    return gram_of_row_blocks(blocks, rows.shape[1], grad.device)
 
 
 def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "right"]) -> torch.Tensor:
     """galore-torch's `get_orthogonal_matrix(grad, rank, side)` for `left` / `right`, in `grad`'s dtype.
     Meant for the smaller side (right: a tall grad, left: a wide one): the Gram matrix is that side squared."""
-    rows = grad if side == "right" else grad.t()  # the Gram matrix of `rows`' rows is G^T G or G G^T
-    blocks = (rows[start:start + ROW_BLOCK] for start in range(0, rows.shape[0], ROW_BLOCK))
-    return basis_from_gram(gram_of_row_blocks(blocks, rows.shape[1], grad.device), rank, side, grad.dtype)
+    return basis_from_gram(gradient_gram(grad, side), rank, side, grad.dtype)
+
+
+def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]]) -> int:
+    """Compute the bases of several `GramProjector`s due for a refresh (`std`: the smaller side) at once:
+    one batched fp64 eigensolve per gradient shape instead of one call per weight. Each projector takes
+    its basis at its refresh (`get_orthogonal_matrix`), the same as it would compute alone. Returns how
+    many bases were computed."""
+    groups: dict[tuple, list[tuple[GramProjector, torch.Tensor, str]]] = {}
+    for projector, grad in due:
+        if not isinstance(projector, GramProjector) or projector.proj_type != "std" or grad.dim() != 2:
+            continue
+        side = "right" if grad.shape[0] >= grad.shape[1] else "left"
+        groups.setdefault((tuple(grad.shape), grad.dtype, grad.device, projector.rank), []).append(
+            (projector, grad, side))
+    for members in groups.values():
+        _, vectors = torch.linalg.eigh(torch.stack([gradient_gram(grad, side) for _, grad, side in members]))
+        for (projector, grad, side), found in zip(members, vectors, strict=True):
+            projector.prefetched = _laid_out(found, projector.rank, side, grad.dtype)
+    return sum(len(members) for members in groups.values())
 
 
 class GramProjector(GaLoreProjector):
@@ -57,7 +85,12 @@ class GramProjector(GaLoreProjector):
     asks for it); otherwise (`reverse_std`, `left` / `right` on the other shape, `full`) galore-torch's
     SVD, since the Gram matrix of the larger side would be max(m, n) squared."""
 
+    prefetched: torch.Tensor | None = None  # a basis from `prefetch_bases`, taken at the next refresh
+
     def get_orthogonal_matrix(self, weights, rank, type):  # galore-torch names its argument `type`
+        if self.prefetched is not None:
+            basis, self.prefetched = self.prefetched, None
+            return basis
         rows, cols = weights.shape
         if (type == "right" and rows >= cols) or (type == "left" and rows <= cols):
             return top_singular_basis(weights.data, rank, type)

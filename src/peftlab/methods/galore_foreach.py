@@ -25,11 +25,15 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
 
     `foreach`: None = on CUDA only. (On a CPU, PyTorch's per-tensor `mul_` by a Python number rounds
     bf16 differently from its foreach kernel; on CUDA both compute in fp32. CPU runs gain nothing from
-    it anyway: they run galore-torch's own loop.)"""
+    it anyway: they run galore-torch's own loop.)
+    `batched_refresh`: the Gram projectors due for a refresh get their bases from one batched
+    eigensolve per gradient shape (`galore_basis.prefetch_bases`) before the parameter loop. Off until
+    measured on a GPU (`benchmarks/galore_projection.py`, `gram_shipped_batched`)."""
 
-    def __init__(self, *args, foreach: bool | None = None, **kwargs) -> None:
+    def __init__(self, *args, foreach: bool | None = None, batched_refresh: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.foreach = foreach
+        self.batched_refresh = batched_refresh
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -39,6 +43,8 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
         loss = None
         if closure is not None:
             loss = closure()
+        if self.batched_refresh:
+            self._prefetch_due_bases()
         for group in self.param_groups:
             # Parameters that share a step count share the bias correction: one batch of foreach ops each.
             batches: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict]]] = defaultdict(list)
@@ -64,6 +70,23 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
             for step, batch in batches.items():
                 self._update(group, step, batch)
         return loss
+
+    def _prefetch_due_bases(self) -> None:
+        """Bases for every projector that this step's `project` will refresh (galore-torch's rule: no
+        basis yet, or the step count a multiple of `update_proj_gap`), computed together."""
+        from peftlab.methods.galore_basis import prefetch_bases
+
+        due = []
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            for param in group["params"]:
+                projector = self.state[param].get("projector") if param in self.state else None
+                if param.grad is None or projector is None:
+                    continue
+                if projector.ortho_matrix is None or self.state[param].get("step", 0) % projector.update_proj_gap == 0:
+                    due.append((projector, param.grad))
+        prefetch_bases(due)
 
     @staticmethod
     def _update(group: dict, step: int, batch: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
