@@ -16,7 +16,8 @@ times each way of computing the rank-r basis and compares it with galore-torch's
 - `svd_lowrank`: torch's randomized SVD (q = r + 16, 2 power iterations);
 - `gram_shipped`: what `galore.projection: gram` runs (`peftlab.methods.galore_basis.top_singular_basis`:
   the fp64 Gram matrix summed over row blocks of the bf16 gradient, no whole fp64 copy);
-- `gram_shipped_batched`: the same fp64 Gram matrices, those of one shape in one batched `eigh` call;
+- `gram_shipped_batched`: the same fp64 Gram matrices, those of one shape in one batched `eigh` call
+  (`galore_basis.prefetch_bases`, what `ForeachGaLoreAdamW(batched_refresh=True)` runs);
 - `gram_shipped_threads4` / `8`: `gram_shipped` split over 4 / 8 threads, each on its own CUDA stream (a
   1,152-wide fp64 eigensolve is latency-bound: ~9 ms for ~2 GFLOP).
 
@@ -101,22 +102,15 @@ def shipped_basis(grad: torch.Tensor) -> torch.Tensor:
 
 
 def bases_shipped_batched(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from peftlab.methods.galore_basis import ROW_BLOCK, gram_of_row_blocks
+    """What `ForeachGaLoreAdamW(batched_refresh=True)` runs: `galore_basis.prefetch_bases`."""
+    from peftlab.methods.galore_basis import GramProjector, prefetch_bases
 
-    by_shape: dict[tuple, list[str]] = defaultdict(list)
-    for name, grad in grads.items():
-        by_shape[tuple(grad.shape)].append(name)
+    projectors = {name: GramProjector(RANK, proj_type="std") for name in grads}
+    prefetch_bases([(projectors[name], grad) for name, grad in grads.items()])
     out = {}
-    for names in by_shape.values():
-        grams = []
-        for name in names:
-            grad = grads[name]
-            rows = grad if grad.shape[0] >= grad.shape[1] else grad.t()
-            blocks = (rows[start:start + ROW_BLOCK] for start in range(0, rows.shape[0], ROW_BLOCK))
-            grams.append(gram_of_row_blocks(blocks, rows.shape[1], grad.device))
-        _, vectors = torch.linalg.eigh(torch.stack(grams))
-        for name, v in zip(names, vectors, strict=True):
-            out[name] = v[:, -RANK:].flip(-1).t().float()
+    for name, grad in grads.items():
+        basis = projectors[name].prefetched.float()
+        out[name] = basis if grad.shape[0] >= grad.shape[1] else basis.t()  # r x min-side rows, as above
     return out
 
 
