@@ -764,5 +764,9 @@ def test_the_execution_cell_names_the_levers_that_ran():
     eager = {"execution": {"mode": "as_written", "padding_free": True, "attention": "sdpa", "graph_tokens": 256,
                            "graphs": {"captured": False}, "gradient_checkpointing": True}}
     assert _execution_cell(eager) == "as written · padding-free · sdpa · bins · checkpointing"
+    llama = {"execution": {"mode": "fast", "padding_free": True, "attention": "peftlab_varlen", "graph_tokens": 4096,
+                           "graphs": {"captured": True, "liger_cross_entropy": True, "fused_lora_layers": 224},
+                           "liger_kernel": False}}
+    assert _execution_cell(llama) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger loss · fused LoRA adds"
     hybrid = {"stages": [fast, {"kind": "merge"}, fast]}
     assert _execution_cell(hybrid) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger"

@@ -55,6 +55,7 @@ from peftlab.train.trainer import (
     adapter_inputs_uncast,
     training_arguments,
 )
+from peftlab.train.vocab_loss import triton_cross_entropy_available
 
 
 def train_method(
@@ -225,7 +226,9 @@ def train_method(
         "rows": len(dataset),
         "method_config": asdict(recipe_config),
         "execution": {**execution.described,
-                      **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters}}
+                      **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters,
+                                    "liger_cross_entropy": trainer.triton_loss and device == "cuda"
+                                    and triton_cross_entropy_available()}}
                          if trainer.graphed is not None else {})},
         "notes": recipe.notes,
         "versions": package_versions(),

@@ -196,6 +196,11 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None, None
 
 
+def triton_cross_entropy_available() -> bool:
+    """Whether `forward_gradient_loss` can run liger-kernel's Triton cross-entropy here (CUDA, liger 0.8)."""
+    return torch.cuda.is_available() and _liger_kernel() is not None
+
+
 def _liger_kernel():
     """liger-kernel's cross-entropy Triton kernel when it is installed with the arguments used here."""
     try:

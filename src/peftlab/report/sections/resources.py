@@ -24,7 +24,7 @@ def _gpu_cell(metrics: dict[str, Any], key: str) -> str:
 
 def _execution_cell(metrics: dict[str, Any]) -> str:
     """A short account of the execution that ran (peftlab.train.execution), e.g. `fast · padding-free ·
-    peftlab_varlen · CUDA graphs · liger`; a hybrid: its stages'."""
+    peftlab_varlen · CUDA graphs · liger · fused LoRA adds`; a hybrid: its stages'."""
     execution = metrics.get("execution")
     if not isinstance(execution, dict):
         stages = [s for s in metrics.get("stages") or [] if isinstance(s, dict) and isinstance(s.get("execution"), dict)]
@@ -41,6 +41,10 @@ def _execution_cell(metrics: dict[str, Any]) -> str:
         parts.append("bins")
     if execution.get("liger_kernel"):
         parts.append("liger")
+    elif isinstance(graphs, dict) and graphs.get("liger_cross_entropy"):
+        parts.append("liger loss")  # a model without liger's modules: only the bins' cross-entropy
+    if isinstance(graphs, dict) and graphs.get("fused_lora_layers"):
+        parts.append("fused LoRA adds")
     if execution.get("gradient_checkpointing"):
         parts.append("checkpointing")
     return " · ".join(parts)
