@@ -765,8 +765,8 @@ def test_the_execution_cell_names_the_levers_that_ran():
                            "graphs": {"captured": False}, "gradient_checkpointing": True}}
     assert _execution_cell(eager) == "as written · padding-free · sdpa · bins · checkpointing"
     llama = {"execution": {"mode": "fast", "padding_free": True, "attention": "peftlab_varlen", "graph_tokens": 4096,
-                           "graphs": {"captured": True, "liger_cross_entropy": True, "fused_lora_layers": 224},
-                           "liger_kernel": False}}
+                           "graphs": {"captured": True, "fused_lora_layers": 224}, "liger_kernel": False,
+                           "liger_cross_entropy": True}}
     assert _execution_cell(llama) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger loss · fused LoRA adds"
     hybrid = {"stages": [fast, {"kind": "merge"}, fast]}
     assert _execution_cell(hybrid) == "fast · padding-free · peftlab_varlen · CUDA graphs · liger"

@@ -9,6 +9,7 @@ other families name them differently (Phi-3: `qkv_proj`, `gate_up_proj`; GPT-2: 
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -84,8 +85,6 @@ def fuse_adapter_additions(model: nn.Module) -> int:
 
 
 def _forward_with_fused_addition(self, x, *args, **kwargs):
-    import torch
-
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     plain = (name is not None and not args and not kwargs and not self.disable_adapters and not self.merged

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.config import MethodConfig, ModelConfig
+from peftlab.train.vocab_loss import triton_cross_entropy_available
 
 GIB = 1024**3
 # Settings this module may choose; any other MethodConfig key is recipe and passes through unchanged.
@@ -64,13 +65,15 @@ CUDA_PACKED_ATTENTION = ("flash_attention_2", "varlen", "flex_attention", "sdpa"
 class Execution:
     """The chosen execution: `method` is the config with every execution setting resolved (what the
     recipe builder and the Trainer read), `attention` the kernel the model is loaded with, `liger`
-    whether it is loaded with liger-kernel's fused modules, and `described` what metrics.json records
-    under `execution`."""
+    whether it is loaded with liger-kernel's fused modules, `liger_loss` whether the bins' vocabulary loss
+    runs liger-kernel's Triton cross-entropy (any model, unless the YAML sets `model.liger_kernel: false`),
+    and `described` what metrics.json records under `execution`."""
 
     method: MethodConfig
     attention: str
     described: dict[str, Any] = field(default_factory=dict)
     liger: bool = False
+    liger_loss: bool = False
 
 
 def explicit_keys(method: MethodConfig) -> set[str]:
@@ -125,6 +128,8 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
     liger = model.liger_kernel
     if "liger_kernel" not in model.explicit and mode == "fast" and not resolved.torch_compile:
         liger = liger_applies(shape)
+    liger_loss = (device == "cuda" and resolved.graph_tokens is not None
+                  and (liger or "liger_kernel" not in model.explicit) and triton_cross_entropy_available())
     if not resolved.padding_free and attention in ("varlen", "flash_attention_2", "flex_attention") \
             and "attention" not in explicit:
         attention = "sdpa"
@@ -145,6 +150,7 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
         "dequantized_base": resolved.dequantized_base if method.kind == "qlora" else None,
         "avoid_host_syncs": resolved.avoid_host_syncs,
         "liger_kernel": liger,
+        "liger_cross_entropy": liger_loss,
         "graph_tokens": resolved.graph_tokens,
         "cuda_graphs": bool(resolved.graph_tokens and resolved.cuda_graphs and device == "cuda"),
         "galore_accumulate": resolved.galore.accumulate if method.kind == "galore" else None,
@@ -159,7 +165,7 @@ def choose_execution(method: MethodConfig, explicit: set[str], *, device: str, g
             resolved, shape, tokens=_forward_tokens(resolved, max_seq_length), attention=attention), 3)
     if probes:
         described["attention_probe"] = probes
-    return Execution(method=resolved, attention=attention, described=described, liger=liger)
+    return Execution(method=resolved, attention=attention, described=described, liger=liger, liger_loss=liger_loss)
 
 
 def liger_applies(shape: dict[str, Any] | None) -> bool:

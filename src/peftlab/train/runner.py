@@ -55,7 +55,6 @@ from peftlab.train.trainer import (
     adapter_inputs_uncast,
     training_arguments,
 )
-from peftlab.train.vocab_loss import triton_cross_entropy_available
 
 
 def train_method(
@@ -153,8 +152,7 @@ def train_method(
         graph_tokens=method.graph_tokens,
         cuda_graphs=method.cuda_graphs,
         max_row_tokens=config.data.max_seq_length,
-        # liger's Triton cross-entropy serves any model's binned loss, unless the YAML turns liger off.
-        triton_loss=execution.liger or "liger_kernel" not in config.model.explicit,
+        triton_loss=execution.liger_loss,
     )
 
     # Train (checkpoint writes are timed apart: see peftlab.train.segments)
@@ -226,9 +224,7 @@ def train_method(
         "rows": len(dataset),
         "method_config": asdict(recipe_config),
         "execution": {**execution.described,
-                      **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters,
-                                    "liger_cross_entropy": trainer.triton_loss and device == "cuda"
-                                    and triton_cross_entropy_available()}}
+                      **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters}}
                          if trainer.graphed is not None else {})},
         "notes": recipe.notes,
         "versions": package_versions(),

@@ -68,7 +68,8 @@ class TargetTokenTrainer(Trainer):
         `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
         `max_row_tokens`: the longest row the data holds (the variable-length kernels' fixed bound);
-        `triton_loss`: the bins' vocabulary loss may use liger-kernel's Triton cross-entropy on CUDA."""
+        `triton_loss`: the bins' vocabulary loss uses liger-kernel's Triton cross-entropy (on CUDA, when
+        installed; `Execution.liger_loss`)."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from peftlab.train.batches import IGNORE
+
 # Most vocabulary rows per block in the backward by rows: 8,192 x 1,152 bf16 is 18 MiB for Gemma 3.
 MAX_ROW_BLOCK = 8192
 
@@ -170,7 +172,7 @@ class _CrossEntropyWithForwardGradient(torch.autograd.Function):
                         weight.grad.addmm_(grad_logits.t(), h * scale)
                     del grad_logits
                     continue
-                valid = y != -100
+                valid = y != IGNORE
                 picked = y.clamp(min=0)[:, None]
                 logits, tanh = _capped(F.linear(h, weight).float(), softcap)
                 log_normalizers = torch.logsumexp(logits, dim=-1)
@@ -237,7 +239,7 @@ def _fused_softmax_gradient_(kernel, logits: torch.Tensor, targets: torch.Tensor
     names = set(kernel.arg_names)
     optional = {key: value for key, value in _LIGER_OPTIONAL.items() if key in names}
     kernel[(rows,)](X_ptr=logits, X_stride=logits.stride(0), Y_ptr=targets, Y_stride=targets.stride(0),
-                    loss_ptr=losses, loss_stride=1, n_cols=vocabulary, n_non_ignore=1.0, ignore_index=-100,
+                    loss_ptr=losses, loss_stride=1, n_cols=vocabulary, n_non_ignore=1.0, ignore_index=IGNORE,
                     label_smoothing=0.0, reduction="sum", softcap=softcap, RETURN_Z_LOSS=False,
                     HAS_SOFTCAPPING=bool(softcap), BLOCK_SIZE=min(32768, triton.next_power_of_2(vocabulary)),
                     num_warps=16 if torch.version.hip else 32, **optional)  # liger's own choice per vendor

@@ -41,7 +41,7 @@ def _execution_cell(metrics: dict[str, Any]) -> str:
         parts.append("bins")
     if execution.get("liger_kernel"):
         parts.append("liger")
-    elif isinstance(graphs, dict) and graphs.get("liger_cross_entropy"):
+    elif execution.get("liger_cross_entropy"):
         parts.append("liger loss")  # a model without liger's modules: only the bins' cross-entropy
     if isinstance(graphs, dict) and graphs.get("fused_lora_layers"):
         parts.append("fused LoRA adds")
