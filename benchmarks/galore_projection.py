@@ -17,9 +17,10 @@ times each way of computing the rank-r basis and compares it with galore-torch's
 - `gram_shipped`: what `galore.projection: gram` runs (`peftlab.methods.galore_basis.top_singular_basis`:
   the fp64 Gram matrix summed over row blocks of the bf16 gradient, no whole fp64 copy);
 - `gram_shipped_batched`: the same fp64 Gram matrices, those of one shape in one batched `eigh` call
-  (`galore_basis.prefetch_bases`, what `ForeachGaLoreAdamW(batched_refresh=True)` runs);
+  (`galore_basis.prefetch_bases`, what `ForeachGaLoreAdamW(refresh="batched")` runs);
 - `gram_shipped_threads4` / `8`: `gram_shipped` split over 4 / 8 threads, each on its own CUDA stream (a
-  1,152-wide fp64 eigensolve is latency-bound: ~9 ms for ~2 GFLOP).
+  1,152-wide fp64 eigensolve is latency-bound: ~9 ms for ~2 GFLOP; `prefetch_bases(workers=4)` is what
+  `ForeachGaLoreAdamW(refresh="threads")` runs).
 
 For each: total seconds over all targets (synchronised, after one warm-up pass), the lowest and mean
 subspace overlap with galore-torch's basis (||B_svd B_x^T||_F^2 / r: 1 is the same subspace), and the
@@ -101,42 +102,17 @@ def shipped_basis(grad: torch.Tensor) -> torch.Tensor:
     return basis if tall else basis.t()  # this script compares r x min-side rows
 
 
-def bases_shipped_batched(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What `ForeachGaLoreAdamW(batched_refresh=True)` runs: `galore_basis.prefetch_bases`."""
+def bases_shipped_prefetched(grads: dict[str, torch.Tensor], workers: int = 0) -> dict[str, torch.Tensor]:
+    """What `ForeachGaLoreAdamW(refresh="batched")` (`workers` 0) or `refresh="threads"` runs:
+    `galore_basis.prefetch_bases`."""
     from peftlab.methods.galore_basis import GramProjector, prefetch_bases
 
     projectors = {name: GramProjector(RANK, proj_type="std") for name in grads}
-    prefetch_bases([(projectors[name], grad) for name, grad in grads.items()])
+    prefetch_bases([(projectors[name], grad) for name, grad in grads.items()], workers=workers)
     out = {}
     for name, grad in grads.items():
         basis = projectors[name].prefetched.float()
         out[name] = basis if grad.shape[0] >= grad.shape[1] else basis.t()  # r x min-side rows, as above
-    return out
-
-
-def bases_shipped_threads(grads: dict[str, torch.Tensor], workers: int) -> dict[str, torch.Tensor]:
-    from concurrent.futures import ThreadPoolExecutor
-    from contextlib import nullcontext
-
-    names = list(grads)
-    cuda = torch.cuda.is_available()
-    current = torch.cuda.current_stream() if cuda else None
-    streams = [torch.cuda.Stream() for _ in range(workers)] if cuda else [None] * workers
-    out: dict[str, torch.Tensor] = {}
-
-    def work(index: int) -> None:
-        stream = streams[index]
-        if stream is not None:
-            stream.wait_stream(current)
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            for name in names[index::workers]:
-                out[name] = shipped_basis(grads[name])
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, range(workers)))
-    for stream in streams:
-        if stream is not None:
-            current.wait_stream(stream)
     return out
 
 
@@ -197,9 +173,9 @@ def main() -> int:
         "gram_eigh64": lambda: {n: basis_gram(g, torch.float64) for n, g in grads.items()},
         "svd_lowrank": lambda: {n: basis_lowrank(g) for n, g in grads.items()},
         "gram_shipped": lambda: {n: shipped_basis(g) for n, g in grads.items()},
-        "gram_shipped_batched": lambda: bases_shipped_batched(grads),
-        "gram_shipped_threads4": lambda: bases_shipped_threads(grads, 4),
-        "gram_shipped_threads8": lambda: bases_shipped_threads(grads, 8),
+        "gram_shipped_batched": lambda: bases_shipped_prefetched(grads),
+        "gram_shipped_threads4": lambda: bases_shipped_prefetched(grads, 4),
+        "gram_shipped_threads8": lambda: bases_shipped_prefetched(grads, 8),
     }
     skip = set(filter(None, args.skip.split(",")))
     report = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

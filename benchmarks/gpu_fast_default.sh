@@ -2,14 +2,19 @@
 # Issue 20 on one GPU in ONE device call (at most 600 s), from the repository root, .carry carried
 # (scripts/build_carry.sh): wheels, tokenizer, samples.
 #   bash benchmarks/gpu_fast_default.sh SAMPLES_DIR [TOKENIZER_DIR]     # e.g. /tmp/samples /tmp/tok
-# STAGES (default "tests,bench,attention,study"; `projection` adds (p)) picks the parts; BENCH_STEPS (default -1: the whole
-# workload, one epoch) caps the bench's optimizer steps.
+# STAGES (default "tests,bench,attention,study"; `projection` adds (p), `first` adds (f)) picks the parts; BENCH_STEPS
+# (default -1: the whole workload, one epoch) caps the bench's optimizer steps; PROFILES (default "default,lowmem")
+# and REFERENCE (default 1: with the reference recipe's rows) pick the bench's runs.
+# The bench starts from an empty Triton cache (TRITON_CACHE_DIR=/tmp/triton-bench, new), as on a fresh machine:
+# the GPU tests before it compile kernels into the default cache, which would otherwise warm the first run.
 # In this order, each under the remaining time, each writing its JSON as it goes (a cut keeps what finished):
 #   (0) $OUT/gpu-tests.txt   the CUDA cases of the optimizer-step tests (bitwise against the libraries) and of
 #                            the Triton cross-entropy (against the torch loss)
 #   (a) $OUT/bench.json      `peftlab bench train --reference --methods qlora,galore --profiles default,lowmem`
 #                            (reference, default and lowmem rows of one file, same GPU)
 #   (b) $OUT/attention.json  padding-free attention kernels with the sliding window (benchmarks/attention_varlen.py)
+#   (f) $OUT/first-steps.json cProfile of the first 5 steps of qlora and galore `default` (the one-off work: warm-up
+#                            bin, captures, compiles, the first projection; qlora from an empty Triton cache)
 #   (p) $OUT/projection.json GaLore's projection refresh, the shipped basis beside its batched and threaded
 #                            forms (benchmarks/galore_projection.py; only when STAGES names `projection`)
 #   (c) $OUT/study.json      a whole `peftlab study` of the seed-shaped rehearsal, each stage timed
@@ -37,21 +42,34 @@ if has tests; then
   log "(0) GPU tests"
   timeout 100 python -m pytest -q -p no:cacheprovider tests/methods/test_optimizer_steps.py > "$OUT/gpu-tests.txt" 2>&1
   optimizer_rc=$?
-  timeout 100 python -m pytest -q -p no:cacheprovider tests/train/test_graphs.py -k triton >> "$OUT/gpu-tests.txt" 2>&1
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/train/test_graphs.py tests/train/test_kernel_warmup.py \
+    -k "triton or warmup" >> "$OUT/gpu-tests.txt" 2>&1
   log "(0) tests rc=$optimizer_rc,$? $(grep -E ' passed| failed' "$OUT/gpu-tests.txt" | tr '\n' ' ')"
 fi
 reserve=230
 has attention || reserve=$((reserve - 60))
 has study || reserve=$((reserve - 170))
+has projection && reserve=$((reserve + 120))
 
 # (a) the bench: leave ~230 s for (b) and (c)
+if has first; then
+  log "(f) first steps, cProfile"
+  rm -rf /tmp/triton-first
+  TRITON_CACHE_DIR=/tmp/triton-first timeout 150 python benchmarks/profile_train.py --python --steps 5 \
+    --data "$SAMPLES" --tokenizer "$TOK" --out "$OUT/first-steps.json" qlora:default galore:default >> "$OUT/run.log" 2>&1
+  log "(f) first steps rc=$?"
+fi
+
 resume=()
 if [ -f .carry/bench-partial.json ]; then cp .carry/bench-partial.json "$OUT/bench.json"; resume=(--resume); fi
+reference=(--reference)
+[ "${REFERENCE:-1}" = 1 ] || reference=()
 if has bench; then
 log "(a) bench: $(( $(left) - reserve )) s"
-timeout $(( $(left) - reserve )) python -m peftlab bench train --reference --methods qlora,galore \
-  --profiles default,lowmem --max-steps "${BENCH_STEPS:--1}" --data "$SAMPLES" --tokenizer "$TOK" \
-  --out "$OUT/bench.json" "${resume[@]}" >> "$OUT/run.log" 2>&1
+[ -f .carry/bench-partial.json ] || rm -rf /tmp/triton-bench
+TRITON_CACHE_DIR=/tmp/triton-bench timeout $(( $(left) - reserve )) python -m peftlab bench train "${reference[@]}" \
+  --methods qlora,galore --profiles "${PROFILES:-default,lowmem}" --max-steps "${BENCH_STEPS:--1}" --data "$SAMPLES" \
+  --tokenizer "$TOK" --out "$OUT/bench.json" "${resume[@]}" >> "$OUT/run.log" 2>&1
 log "(a) bench rc=$? (124: cut; the finished runs are in bench.json)"
 fi
 

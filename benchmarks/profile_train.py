@@ -19,6 +19,7 @@ Usage (GPU machine, repository root):
     python benchmarks/profile_train.py --data DIR --tokenizer DIR --out OUT.json qlora:fast galore:fast qlora:lowmem
     python benchmarks/profile_train.py --memory --steps 3 --data DIR --tokenizer DIR --out MEM.json qlora:lowmem
     python benchmarks/profile_train.py --phases --steps 8 --data DIR --tokenizer DIR --out PHASES.json qlora:lowmem
+    python benchmarks/profile_train.py --python --steps 5 --data DIR --tokenizer DIR --out FIRST.json qlora:default
 """
 
 from __future__ import annotations
@@ -93,6 +94,43 @@ class ProfileSteps(TrainerCallback):
             _sync()
             self.wall = time.perf_counter() - self.started
             self.profiler.stop()
+
+
+class PythonProfileSteps(TrainerCallback):
+    """`--python`: cProfile from the start of training to the end of step `last` (the first steps'
+    one-off work: Triton compiles, warm-up bins, graph captures, the first GaLore projection)."""
+
+    def __init__(self, last: int) -> None:
+        import cProfile
+
+        self.last = last
+        self.profiler = cProfile.Profile()
+        self.wall = 0.0
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        _sync()
+        self.started = time.perf_counter()
+        self.profiler.enable()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.last:
+            _sync()
+            self.profiler.disable()
+            self.wall = time.perf_counter() - self.started
+
+    def result(self, top: int = 45) -> dict:
+        import pstats
+
+        stats = pstats.Stats(self.profiler)
+        rows = []
+        for (path, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
+            where = "/".join(Path(path).parts[-3:]) if path != "~" else "builtin"
+            rows.append({"function": f"{where}:{line}({name})", "calls": calls, "own_s": round(own, 4),
+                         "cumulative_s": round(cumulative, 4)})
+        return {"wall_s": self.wall,
+                "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_s"])[:top],
+                "by_own": sorted(rows, key=lambda r: -r["own_s"])[:top]}
 
 
 # Kernel-name fragments per category, first match wins (cuBLAS/cutlass GEMMs, PyTorch's attention kernels,
@@ -174,6 +212,21 @@ def phases_one(method: str, profile: str, args) -> dict:
             "peak_alloc_gib": max(phases.peaks.values(), default=0) / 2**30, **phases.result(top=25)}
 
 
+def python_one(method: str, profile: str, args) -> dict:
+    from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
+    from peftlab.train import runner
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-python-") as work:
+        spec = BenchSpec(method, profile, args.shape, args.tokenizer, default_sources(args.data), 190, 1024,
+                         args.steps, work, args.overrides)
+        config, run_dir = prepare_workload(spec)
+        callback = PythonProfileSteps(args.steps)
+        metrics = runner.train_method(config, run_dir, method, callbacks=[callback])
+    return {"method": method, "profile": profile, "steps": args.steps, "model_load_s": metrics["model_load_s"],
+            "data_load_s": metrics["data_load_s"], "first_steps_s": metrics.get("first_steps_s"),
+            "execution": metrics["execution"], **callback.result()}
+
+
 def profile_one(method: str, profile: str, args) -> dict:
     from peftlab.bench.workload import BenchSpec, default_sources, prepare_workload
     from peftlab.train import runner
@@ -223,11 +276,13 @@ def main() -> int:
                              " repeatable, applies to every run")
     parser.add_argument("--phases", action="store_true",
                         help="instead: the peak allocated memory per span of each step (layers, loss, optimizer)")
+    parser.add_argument("--python", action="store_true",
+                        help="instead: cProfile of the first --steps steps (their one-off work), top functions")
     args = parser.parse_args()
     args.overrides = list(args.set)
     if args.memory and args.phases:
         parser.error("--memory and --phases: one at a time")
-    memory_mode = args.memory or args.phases
+    memory_mode = args.memory or args.phases or args.python
     if args.steps < (1 if memory_mode else 3):
         parser.error("--steps must be at least 3 (profiling starts at step 3)" if not memory_mode
                      else "--steps must be at least 1")
@@ -235,7 +290,8 @@ def main() -> int:
     for item in args.runs:
         method, profile = item.split(":")
         try:
-            one = memory_one if args.memory else phases_one if args.phases else profile_one
+            one = (memory_one if args.memory else phases_one if args.phases else python_one if args.python
+                   else profile_one)
             report["runs"].append(one(method, profile, args))
         except Exception as exc:
             report["runs"].append({"method": method, "profile": profile, "error": f"{type(exc).__name__}: {exc}"[:400]})
@@ -249,6 +305,9 @@ def main() -> int:
             print(f"  {site['mib']:9.1f} MiB {site['blocks']:6d} blocks  {site['site']}", flush=True)
         for category, row in last.get("gpu_time_by_category", {}).items():
             print(f"  {row['gpu_ms_per_step']:8.1f} GPU ms/step {row['launches_per_step']:8.0f} launches  {category}", flush=True)
+        for row in last.get("by_cumulative", [])[:30]:
+            print(f"  {row['cumulative_s']:8.3f} s cum {row['own_s']:8.3f} s own {row['calls']:7d}  {row['function']}",
+                  flush=True)
         for span in last.get("spans", [])[:12]:
             print(f"  {span['peak_mib']:9.1f} MiB  {span['span']}", flush=True)
     return 0

@@ -61,22 +61,24 @@ def test_foreach_galore_adamw_gives_galore_torchs_update_to_the_bit(device, dtyp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_refresh_gives_the_same_updates(device, monkeypatch):
+@pytest.mark.parametrize("refresh", ["batched", "threads"])
+def test_prefetched_refresh_gives_the_same_updates(device, refresh, monkeypatch):
     from peftlab.methods import galore_basis
     from peftlab.methods.galore_foreach import ForeachGaLoreAdamW
 
     counted: list[int] = []
     prefetch = galore_basis.prefetch_bases
-    monkeypatch.setattr(galore_basis, "prefetch_bases", lambda due: counted.append(prefetch(due)) or counted[-1])
+    monkeypatch.setattr(galore_basis, "prefetch_bases",
+                        lambda due, workers=0: counted.append(prefetch(due, workers)) or counted[-1])
     results = []
-    for batched in (False, True):
+    for mode in (None, refresh):
         generator = torch.Generator().manual_seed(0)
         # Two weights of one shape (one batched eigensolve for both), a wide one, and an unprojected one.
         params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device))
                   for shape in [(24, 16), (24, 16), (16, 40), (8,)]]
         optimizer = ForeachGaLoreAdamW([{"params": params[:3], "rank": 4, "update_proj_gap": 2, "scale": 0.25,
                                          "proj_type": "std"}, {"params": params[3:]}], lr=1e-2,
-                                       no_deprecation_warning=True, foreach=True, batched_refresh=batched)
+                                       no_deprecation_warning=True, foreach=True, refresh=mode)
         galore_basis.seed_projectors(optimizer)
         grads = torch.Generator().manual_seed(1)
         for _ in range(5):

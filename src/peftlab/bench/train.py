@@ -24,6 +24,7 @@ from peftlab.bench.workload import (
     workload_config,
 )
 from peftlab.errors import UserError
+from peftlab.train.kernel_warmup import triton_cache_files
 
 
 def steady_tokens_per_s(run: dict[str, Any]) -> float | None:
@@ -204,13 +205,3 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                      f" {num(run['peak_alloc_gib'], '.2f', 11, ' GiB')} {num(run['peak_reserved_gib'], '.2f', 9, ' GiB')}"
                      f" {num(run['step_s_median'], '.2f', 7)}")
     return "\n".join(lines)
-
-
-def triton_cache_files() -> int:
-    """Files in Triton's kernel cache (TRITON_CACHE_DIR, else $TRITON_HOME or ~, /.triton/cache): 0 on a
-    fresh machine."""
-    import os
-
-    home = os.environ.get("TRITON_HOME") or Path.home()
-    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
-    return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0

@@ -16,6 +16,7 @@ run at 1/32-1/64 of the fp32 rate on consumer GPUs, where the refresh costs more
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Literal
 
@@ -60,23 +61,54 @@ def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "rig
     return basis_from_gram(gradient_gram(grad, side), rank, side, grad.dtype)
 
 
-def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]]) -> int:
-    """Compute the bases of several `GramProjector`s due for a refresh (`std`: the smaller side) at once:
-    one batched fp64 eigensolve per gradient shape instead of one call per weight. Each projector takes
-    its basis at its refresh (`get_orthogonal_matrix`), the same as it would compute alone. Returns how
-    many bases were computed."""
-    groups: dict[tuple, list[tuple[GramProjector, torch.Tensor, str]]] = {}
+def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]], workers: int = 0) -> int:
+    """Compute the bases of several `GramProjector`s due for a refresh (`std`: the smaller side) at once.
+    `workers` 0: one batched fp64 eigensolve per gradient shape instead of one call per weight; `workers`
+    > 0: one call per weight, spread over that many threads, each on its own CUDA stream (a 1,152-wide
+    fp64 eigensolve is latency-bound, so several overlap on one GPU). Each projector takes its basis at
+    its refresh (`get_orthogonal_matrix`), the same as it would compute alone. Returns how many bases
+    were computed."""
+    members: list[tuple[GramProjector, torch.Tensor, str]] = []
     for projector, grad in due:
         if not isinstance(projector, GramProjector) or projector.proj_type != "std" or grad.dim() != 2:
             continue
-        side = "right" if grad.shape[0] >= grad.shape[1] else "left"
+        members.append((projector, grad, "right" if grad.shape[0] >= grad.shape[1] else "left"))
+    if workers > 0:
+        _bases_in_threads(members, workers)
+        return len(members)
+    groups: dict[tuple, list[tuple[GramProjector, torch.Tensor, str]]] = {}
+    for projector, grad, side in members:
         groups.setdefault((tuple(grad.shape), grad.dtype, grad.device, projector.rank), []).append(
             (projector, grad, side))
-    for members in groups.values():
-        _, vectors = torch.linalg.eigh(torch.stack([gradient_gram(grad, side) for _, grad, side in members]))
-        for (projector, grad, side), found in zip(members, vectors, strict=True):
+    for group in groups.values():
+        _, vectors = torch.linalg.eigh(torch.stack([gradient_gram(grad, side) for _, grad, side in group]))
+        for (projector, grad, side), found in zip(group, vectors, strict=True):
             projector.prefetched = _laid_out(found, projector.rank, side, grad.dtype)
-    return sum(len(members) for members in groups.values())
+    return len(members)
+
+
+def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], workers: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuda = bool(members) and members[0][1].is_cuda
+    current = torch.cuda.current_stream() if cuda else None
+    streams = [torch.cuda.Stream() if cuda else None for _ in range(workers)]
+
+    def work(index: int) -> None:
+        stream = streams[index]
+        if stream is not None:
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for projector, grad, side in members[index::workers]:
+                projector.prefetched = top_singular_basis(grad, projector.rank, side)
+                if stream is not None:
+                    projector.prefetched.record_stream(current)  # used on the main stream, freed after it
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="peftlab-galore-basis") as pool:
+        list(pool.map(work, range(workers)))
+    for stream in streams:
+        if stream is not None:
+            current.wait_stream(stream)
 
 
 class GramProjector(GaLoreProjector):

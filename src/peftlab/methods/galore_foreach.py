@@ -26,14 +26,19 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
     `foreach`: None = on CUDA only. (On a CPU, PyTorch's per-tensor `mul_` by a Python number rounds
     bf16 differently from its foreach kernel; on CUDA both compute in fp32. CPU runs gain nothing from
     it anyway: they run galore-torch's own loop.)
-    `batched_refresh`: the Gram projectors due for a refresh get their bases from one batched
-    eigensolve per gradient shape (`galore_basis.prefetch_bases`) before the parameter loop. Off until
-    measured on a GPU (`benchmarks/galore_projection.py`, `gram_shipped_batched`)."""
+    `refresh`: how the Gram projectors due for a refresh get their bases before the parameter loop
+    (`galore_basis.prefetch_bases`): `batched` (one batched eigensolve per gradient shape), `threads`
+    (one per weight, over `REFRESH_THREADS` threads and CUDA streams), or None (each at its own
+    `project`, as galore-torch does)."""
 
-    def __init__(self, *args, foreach: bool | None = None, batched_refresh: bool = False, **kwargs) -> None:
+    REFRESH_THREADS = 4
+
+    def __init__(self, *args, foreach: bool | None = None, refresh: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if refresh not in (None, "batched", "threads"):
+            raise ValueError(f"refresh: {refresh!r} is not None, 'batched' or 'threads'")
         self.foreach = foreach
-        self.batched_refresh = batched_refresh
+        self.refresh = refresh
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -43,7 +48,7 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
         loss = None
         if closure is not None:
             loss = closure()
-        if self.batched_refresh:
+        if self.refresh is not None:
             self._prefetch_due_bases()
         for group in self.param_groups:
             # Parameters that share a step count share the bias correction: one batch of foreach ops each.
@@ -86,7 +91,7 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
                     continue
                 if projector.ortho_matrix is None or self.state[param].get("step", 0) % projector.update_proj_gap == 0:
                     due.append((projector, param.grad))
-        prefetch_bases(due)
+        prefetch_bases(due, workers=self.REFRESH_THREADS if self.refresh == "threads" else 0)
 
     @staticmethod
     def _update(group: dict, step: int, batch: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:

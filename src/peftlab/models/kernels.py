@@ -31,6 +31,12 @@ def apply_liger_kernels(loaded, device: str) -> None:
         raise UserError("model.liger_kernel needs a CUDA GPU (Triton kernels); set it to false on this machine")
     if getattr(loaded.config, "model_type", None) != "gemma3_text":
         raise UserError(f"model.liger_kernel is wired for Gemma 3 text models, not '{loaded.config.model_type}'")
+    patch_gemma3_modules(loaded)
+
+
+def patch_gemma3_modules(loaded=None) -> None:
+    """liger-kernel's module-level Gemma 3 patches (models built afterwards get its modules), and the
+    instance's modules when `loaded` is given; the unpatched names are kept for `restore_unpatched_gemma3`."""
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
     except ImportError:

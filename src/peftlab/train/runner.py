@@ -44,6 +44,7 @@ from peftlab.train.checkpoints import (
     remove_checkpoints,
 )
 from peftlab.train.execution import choose_execution, explicit_keys
+from peftlab.train.kernel_warmup import KernelWarmup
 from peftlab.train.launch import check_launch
 from peftlab.train.meter import StepTimes, measure, release_memory
 from peftlab.train.packing import PackedCollator, load_name
@@ -97,12 +98,18 @@ def train_method(
 
     # Execution: how the recipe's steps run on this device (the recipe itself is unchanged)
     recipe_config = method
+    shape = _model_shape(config, source, device)
     execution = choose_execution(method, explicit_keys(method), device=device, gpu_memory_gib=_gpu_memory_gib(device),
-                                 model=config.model, shape=_model_shape(config, source, device),
+                                 model=config.model, shape=shape,
                                  max_seq_length=config.data.max_seq_length, world=world, fsdp=fsdp)
     method = execution.method
     model_config = replace(config.model, attn_implementation=load_name(execution.attention),
                            liger_kernel=execution.liger)
+    # Triton kernels compile in the background while the model loads; the first step waits for them.
+    warmup = None
+    if shape is not None and (execution.liger or execution.liger_loss):
+        warmup = KernelWarmup(shape, dtype, modules=execution.liger, loss=execution.liger_loss,
+                              autocast_bf16=dtype == torch.bfloat16).start()
 
     # Recipe: the model, which parameters train, and their optimizer
     started = time.perf_counter()
@@ -153,6 +160,7 @@ def train_method(
         cuda_graphs=method.cuda_graphs,
         max_row_tokens=config.data.max_seq_length,
         triton_loss=execution.liger_loss,
+        kernel_warmup=warmup,
     )
 
     # Train (checkpoint writes are timed apart: see peftlab.train.segments)
@@ -161,6 +169,9 @@ def train_method(
         result = trainer.train(resume_from_checkpoint=checkpoint)
     segments.meter = None
     run = segments.whole_run(loop)
+    if warmup is not None:
+        warmup.wait()  # a run that never stepped (resumed at its end) has not waited yet
+        warmup.finish()
     if method.torch_compile:
         recipe.notes["compile"] = compile_stats()
     if stop_after and trainer.state.global_step < trainer.state.max_steps:
@@ -224,6 +235,7 @@ def train_method(
         "rows": len(dataset),
         "method_config": asdict(recipe_config),
         "execution": {**execution.described,
+                      **({"kernel_warmup": warmup.describe()} if warmup is not None else {}),
                       **({"graphs": {**trainer.graphed.describe(), "fused_lora_layers": trainer.fused_adapters}}
                          if trainer.graphed is not None else {})},
         "notes": recipe.notes,

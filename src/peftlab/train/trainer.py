@@ -25,6 +25,7 @@ from peftlab.train.graphs import (
     pack_bins,
     row_slots,
 )
+from peftlab.train.kernel_warmup import KernelWarmup
 from peftlab.train.loss import (
     TargetTokens,
     bin_loss,
@@ -51,7 +52,7 @@ class TargetTokenTrainer(Trainer):
                  galore_projection: str | None = None, segments: RunSegments | None = None,
                  pad_tokens_to_multiple_of: int | None = None, pad_id: int = 0, avoid_host_syncs: bool = False,
                  graph_tokens: int | None = None, cuda_graphs: bool = True, max_row_tokens: int = 2048,
-                 triton_loss: bool = True, **kwargs) -> None:
+                 triton_loss: bool = True, kernel_warmup: KernelWarmup | None = None, **kwargs) -> None:
         """`loss_chunk_tokens`: vocabulary logits computed this many target tokens at a time.
         `micro_batch_tokens`: split each micro-batch into slices of at most this many tokens (padded
         tokens, rows x longest, for padded batches; real tokens for padding-free ones).
@@ -69,7 +70,8 @@ class TargetTokenTrainer(Trainer):
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
         `max_row_tokens`: the longest row the data holds (the variable-length kernels' fixed bound);
         `triton_loss`: the bins' vocabulary loss uses liger-kernel's Triton cross-entropy (on CUDA, when
-        installed; `Execution.liger_loss`)."""
+        installed; `Execution.liger_loss`).
+        `kernel_warmup`: a started `KernelWarmup`; the first training step waits for it."""
         super().__init__(*args, **kwargs)
         # With disable_tqdm the Trainer prints every log as a dict; `TrainingProgress` shows the loss instead.
         self.remove_callback(PrinterCallback)
@@ -85,6 +87,7 @@ class TargetTokenTrainer(Trainer):
         self.graph_tokens = graph_tokens
         self.cuda_graphs = cuda_graphs
         self.triton_loss = triton_loss
+        self.kernel_warmup = kernel_warmup
         self.max_row_tokens = max_row_tokens
         self.graphed: GraphedForwardBackward | None = None
         self.fused_adapters = 0  # LoRA layers adding their output with one addmm (the binned step's)
@@ -128,6 +131,8 @@ class TargetTokenTrainer(Trainer):
         self.state.num_input_tokens_seen += tokens
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.kernel_warmup is not None:
+            self.kernel_warmup.wait()
         if self.graph_tokens is not None and is_packed(inputs):
             return self._binned_step(model, inputs, num_items_in_batch)
         if self.micro_batch_tokens is None:
