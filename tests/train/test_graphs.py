@@ -16,6 +16,7 @@ from peftlab.train.graphs import (
     BinLayout,
     GraphedForwardBackward,
     bin_size,
+    bin_sizes,
     bin_tensors,
     pack_bins,
     row_slots,
@@ -60,6 +61,61 @@ def test_a_bin_has_one_shape_with_padding_rows_outside_the_loss():
                                                           != IGNORE).sum()
 
 
+def test_bin_sizes_are_every_size_a_bin_can_take():
+    assert bin_sizes(4096) == [1024, 2048, 3072, 4096]
+    assert bin_sizes(2048) == [512, 1024, 1536, 2048]
+    assert bin_sizes(4000) == [960, 1920, 2880, 3840, 4000]
+    for capacity in (256, 2048, 4000, 4096):
+        assert sorted({bin_size(n, capacity) for n in range(1, capacity + 1)}) == bin_sizes(capacity)
+
+
+def test_capturing_ahead_does_nothing_without_cuda():
+    weight = torch.nn.Parameter(torch.ones(4))
+    step = GraphedForwardBackward(lambda b: (b["input_ids"].float() * weight).sum(), [weight], capture=False)
+    step({"input_ids": torch.ones(4, dtype=torch.long)}, 1)
+    assert step.capture_ahead([4, 8], lambda size: row_slots(size, 2), pad_id=0) == 0
+    assert step.describe()["captured_ahead"] == 0 and not step.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs run on CUDA only")
+def test_graphs_captured_ahead_give_the_eager_gradients():
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 16, device="cuda")
+    head = torch.nn.Linear(16, 50, device="cuda")
+    params = [*embedding.parameters(), *head.parameters()]
+
+    def loss_fn(buffers):
+        logits = head(embedding(buffers["input_ids"][0]) * buffers["position_ids"][0, :, None].float().add(1).log())
+        return torch.nn.functional.cross_entropy(logits, buffers["labels"][0], ignore_index=IGNORE,
+                                                 reduction="sum") / buffers["count"]
+
+    rows = [{"input_ids": [3 + i % 40] * n, "labels": [4 + i % 40] * n} for i, n in enumerate((30, 100, 120, 60))]
+    batch = {key: value.cuda() if torch.is_tensor(value) else value for key, value in PackedCollator()(rows).items()}
+    capacity, max_rows = 256, 4
+    bins = [[0], [1, 2], [3]]  # sizes 64, 256 (ahead), 64
+
+    def values(rows):
+        layout = BinLayout(batch["row_lengths"], rows, bin_size(sum(batch["row_lengths"][r] for r in rows), capacity),
+                           row_slots(bin_size(sum(batch["row_lengths"][r] for r in rows), capacity), max_rows))
+        return bin_tensors(batch, layout, pad_id=0)
+
+    eager = GraphedForwardBackward(loss_fn, params, capture=False)
+    for rows_of_bin in bins:
+        eager(values(rows_of_bin), 7)
+    expected = [param.grad.clone() for param in params]
+    for param in params:
+        param.grad = None
+    graphed = GraphedForwardBackward(loss_fn, params)
+    graphed(values(bins[0]), 7)  # the eager warm-up bin
+    assert graphed.capture_ahead(bin_sizes(capacity), lambda size: row_slots(size, max_rows), pad_id=0) == 4
+    assert graphed.replays == 0  # captured, not run: the gradients are still the warm-up bin's
+    for rows_of_bin in bins[1:]:
+        graphed(values(rows_of_bin), 7)
+    assert graphed.replays == 2 and graphed.describe()["failure"] is None
+    for param, grad in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.grad, grad)
+
+
 def test_eager_bins_accumulate_into_the_same_gradients():
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4))
@@ -70,7 +126,8 @@ def test_eager_bins_accumulate_into_the_same_gradients():
     assert loss.item() == pytest.approx(weight.sum().item() * 2)
     assert torch.equal(weight.grad, torch.full((4,), 2.0))  # (1 + 3) / 2
     assert step.describe() == {"captured": False, "sizes": [], "eager_bins": 2, "replays": 0, "failure": None,
-                               "warmup_s": 0.0, "capture_s": 0.0}  # CPU: no warm-up before a capture
+                               "warmup_s": 0.0, "capture_s": 0.0, "captured_ahead": 0,
+                               "capture_ahead_s": 0.0}  # CPU: no warm-up before a capture
     assert len(step.buffers) == 1  # one size: one set of static buffers
 
 
@@ -155,7 +212,9 @@ def test_the_triton_cross_entropy_gives_the_torch_loss_and_gradients(dtype, soft
         h = hidden.clone().requires_grad_()
         loss = vocab_loss.forward_gradient_loss(h, targets, lm_head, count, softcap, chunk=128)
         loss.backward()
-        results.append((loss.detach(), h.grad.float(), None if lm_head.weight.grad is None else lm_head.weight.grad.float()))
+        # Copies (`.float()` of an fp32 tensor is the tensor itself): the check below adds to this `.grad`.
+        results.append((loss.detach(), h.grad.float().clone(),
+                        None if lm_head.weight.grad is None else lm_head.weight.grad.float().clone()))
     assert calls, "the Triton kernel was not used"
     calls.clear()
     h = hidden.clone().requires_grad_()

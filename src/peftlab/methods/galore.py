@@ -105,6 +105,10 @@ def build(ctx: BuildContext) -> Recipe:
     optimizer_class = galore_torch.GaLoreAdamW8bit if settings.variant == "adamw8bit" else ForeachGaLoreAdamW
     # GaLoreAdamW subclasses transformers' deprecated AdamW and warns unless told not to (its own API).
     extra = {} if settings.variant == "adamw8bit" else {"no_deprecation_warning": True}
+    if optimizer_class is ForeachGaLoreAdamW and settings.projection == "gram":
+        # Bases in 4 threads: 1.38 s instead of 1.76 s for Gemma-3-1B's first refresh on an H100
+        # (benchmarks/results/h100-2026-12-06-projection.json); the same bases.
+        extra["refresh"] = "threads"
     optimizer = optimizer_class(param_groups(model, ctx), lr=ctx.method.lr, **extra)
     if settings.projection == "gram":
         from peftlab.methods.galore_basis import seed_projectors

@@ -13,7 +13,10 @@ on a CPU), so the checkpoints are interchangeable. Written here because galore-t
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from galore_torch import GaLoreAdamW
@@ -29,7 +32,10 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
     `refresh`: how the Gram projectors due for a refresh get their bases before the parameter loop
     (`galore_basis.prefetch_bases`): `batched` (one batched eigensolve per gradient shape), `threads`
     (one per weight, over `REFRESH_THREADS` threads and CUDA streams), or None (each at its own
-    `project`, as galore-torch does)."""
+    `project`, as galore-torch does).
+
+    `while_refreshing`: called on this thread while `threads` computes the bases (the GPU's eigensolvers
+    are latency-bound, so the host is free: the Trainer captures its remaining CUDA graphs then)."""
 
     REFRESH_THREADS = 4
 
@@ -39,6 +45,7 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
             raise ValueError(f"refresh: {refresh!r} is not None, 'batched' or 'threads'")
         self.foreach = foreach
         self.refresh = refresh
+        self.while_refreshing: Callable[[], Any] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,7 +98,27 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
                     continue
                 if projector.ortho_matrix is None or self.state[param].get("step", 0) % projector.update_proj_gap == 0:
                     due.append((projector, param.grad))
-        prefetch_bases(due, workers=self.REFRESH_THREADS if self.refresh == "threads" else 0)
+        if not due:
+            return
+        if self.refresh != "threads" or self.while_refreshing is None:
+            prefetch_bases(due, workers=self.REFRESH_THREADS if self.refresh == "threads" else 0)
+            return
+        failed: list[BaseException] = []
+
+        def compute() -> None:
+            try:
+                prefetch_bases(due, workers=self.REFRESH_THREADS)
+            except BaseException as exc:  # raised on this thread after the join
+                failed.append(exc)
+
+        worker = threading.Thread(target=compute, name="peftlab-galore-refresh")
+        worker.start()
+        try:
+            self.while_refreshing()
+        finally:
+            worker.join()
+        if failed:
+            raise failed[0]
 
     @staticmethod
     def _update(group: dict, step: int, batch: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:

@@ -62,6 +62,12 @@ def bin_size(tokens: int, capacity: int) -> int:
     return capacity if size >= capacity else size
 
 
+def bin_sizes(capacity: int) -> list[int]:
+    """Every size `bin_size` can give for `capacity`, smallest first."""
+    quarter = bin_size(1, capacity)
+    return [*range(quarter, capacity, quarter), capacity]
+
+
 def row_slots(capacity: int, max_rows: int) -> int:
     """Rows a bin's `cu_seq_lens` has room for: the real rows and the padding rows."""
     return max_rows + -(-capacity // PAD_ROW_TOKENS)
@@ -135,7 +141,9 @@ class GraphedForwardBackward:
         self.failure: str | None = None
         self.eager_bins = 0
         self.replays = 0
-        self.seconds = {"warmup": 0.0, "capture": 0.0}  # host wall time of the eager warm-up bins and captures
+        self.captured_ahead = 0
+        # Host wall time of the eager warm-up bins, the captures, and the captures ahead of their bins.
+        self.seconds = {"warmup": 0.0, "capture": 0.0, "capture_ahead": 0.0}
 
     def __call__(self, values: dict[str, torch.Tensor], count: torch.Tensor | int) -> torch.Tensor:
         size = values["input_ids"].shape[-1]
@@ -153,7 +161,35 @@ class GraphedForwardBackward:
     def describe(self) -> dict[str, Any]:
         return {"captured": bool(self.graphs), "sizes": sorted(self.graphs), "eager_bins": self.eager_bins,
                 "replays": self.replays, "failure": self.failure,
-                "warmup_s": round(self.seconds["warmup"], 3), "capture_s": round(self.seconds["capture"], 3)}
+                "warmup_s": round(self.seconds["warmup"], 3), "capture_s": round(self.seconds["capture"], 3),
+                "captured_ahead": self.captured_ahead, "capture_ahead_s": round(self.seconds["capture_ahead"], 3)}
+
+    def capture_ahead(self, sizes: list[int], slots: Callable[[int], int], pad_id: int) -> int:
+        """Capture the graphs of `sizes` not captured yet, without running them (their bins come later and
+        fill the buffers first): for a moment when the host would otherwise wait on the GPU (GaLore's
+        projection refresh). `slots(size)`: the bin's row slots. Only after the warm-up, on CUDA. Returns
+        how many were captured."""
+        if not self.capture or self.failure is not None or self.eager_bins < self.warmup or not self.buffers:
+            return 0
+        started = time.perf_counter()
+        device = next(iter(self.buffers.values()))["input_ids"].device
+        captured = 0
+        with torch.enable_grad():  # an optimizer step runs under no_grad
+            for size in sizes:
+                if size in self.graphs:
+                    continue
+                layout = BinLayout([], [], size, slots(size))
+                values = {"input_ids": torch.full((1, size), pad_id, dtype=torch.long, device=device),
+                          "labels": torch.full((1, size), IGNORE, dtype=torch.long, device=device),
+                          "position_ids": layout.position_ids[None].to(device),
+                          "cu_seq_lens": layout.cu_seq_lens.to(device)}
+                self._capture(size, self._fill(size, values, 1), run=False)
+                if self.failure is not None:
+                    break
+                captured += 1
+        self.captured_ahead += captured
+        self.seconds["capture_ahead"] += time.perf_counter() - started
+        return captured
 
     def _fill(self, size: int, values: dict[str, torch.Tensor], count: torch.Tensor | int) -> dict[str, torch.Tensor]:
         if size not in self.buffers:
@@ -187,7 +223,7 @@ class GraphedForwardBackward:
         self.seconds["warmup"] += time.perf_counter() - started
         return loss.detach()
 
-    def _capture(self, size: int, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _capture(self, size: int, buffers: dict[str, torch.Tensor], run: bool = True) -> torch.Tensor | None:
         # Every gradient must exist before capture (the earlier graphs' own tensors, if any), so that
         # backward accumulates into it in place.
         if self.grads is not None:
@@ -200,15 +236,18 @@ class GraphedForwardBackward:
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: other threads (GaLore's refresh) may allocate and synchronise meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 static_loss = self.loss_fn(buffers)
                 static_loss.backward()
         except Exception as exc:  # any capture failure means: run eagerly, and say why
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             torch.cuda.synchronize()
-            return self._eager(buffers)
+            return self._eager(buffers) if run else None
         self.graphs[size] = (graph, static_loss)
         self.grads = [param.grad for param in self.params]
+        if not run:
+            return None
         graph.replay()
         self.replays += 1
         torch.cuda.synchronize()  # once per bin size

@@ -22,12 +22,13 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Tokens of the warm-up forward: a multiple of 16, as every bin size is (Triton specialises on it).
+# Tokens of the warm-up forward when the sizes to come are not known (no bins).
 WARMUP_TOKENS = 64
 WARMUP_VOCABULARY = 512
 
@@ -48,16 +49,24 @@ def warmup_config(shape: dict[str, Any]) -> dict[str, Any]:
 
 class KernelWarmup:
     """Runs `shape`'s liger-kernel modules (`modules`) and the bins' Triton cross-entropy (`loss`) once,
-    forward and backward, in a background thread (see the module docstring). `autocast_bf16`: as the
-    binned step runs its decoder."""
+    forward and backward, in background threads (see the module docstring).
+
+    `tokens`: the token counts of the forwards to come (the bin sizes): Triton specialises some
+    backward kernels on row counts (their 16-divisibility), so each size runs once, the smallest first
+    (it compiles what all share), the others then in parallel threads (a compile mostly waits on the
+    compiler processes). `trains_base`: the model's own weights train (GaLore, full) or are frozen
+    (LoRA, QLoRA: the RMSNorm backward then skips its weight gradient, another specialisation).
+    `autocast_bf16`: as the binned step runs its decoder."""
 
     def __init__(self, shape: dict[str, Any], dtype: torch.dtype, *, modules: bool, loss: bool,
-                 autocast_bf16: bool) -> None:
+                 autocast_bf16: bool, tokens: list[int] | None = None, trains_base: bool = True) -> None:
         self.shape = shape
         self.dtype = dtype
         self.modules = modules
         self.loss = loss
         self.autocast_bf16 = autocast_bf16
+        self.tokens = sorted(set(tokens or [WARMUP_TOKENS]))
+        self.trains_base = trains_base
         self.seconds: float | None = None
         self.waited_s: float | None = None
         self.failure: str | None = None
@@ -69,7 +78,7 @@ class KernelWarmup:
         if self.modules:
             from peftlab.models.kernels import patch_gemma3_modules
 
-            patch_gemma3_modules()  # here, not in the thread: the main thread is about to build the model
+            patch_gemma3_modules()  # here, not in a thread: the main thread is about to build the model
         self._thread = threading.Thread(target=self._run, name="peftlab-kernel-warmup", daemon=True)
         self._thread.start()
         return self
@@ -89,37 +98,64 @@ class KernelWarmup:
             self.compiled_in_loop = triton_cache_files() - self.cache_files_after
 
     def describe(self) -> dict[str, Any]:
-        return {"modules": self.modules, "loss": self.loss,
+        return {"modules": self.modules, "loss": self.loss, "tokens": self.tokens, "trains_base": self.trains_base,
                 "seconds": None if self.seconds is None else round(self.seconds, 3),
                 "waited_s": None if self.waited_s is None else round(self.waited_s, 3),
                 "compiled_in_loop": self.compiled_in_loop, "failure": self.failure}
 
     def _run(self) -> None:
         started = time.perf_counter()
-        try:
-            stream = torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                if self.modules:
-                    self._run_modules()
-                if self.loss:
-                    self._run_loss()
-            stream.synchronize()
-        except Exception as exc:  # the kernels then compile in the first step: record why
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        failures: list[str] = []
+
+        def guarded(work: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    stream = torch.cuda.Stream()
+                    with torch.cuda.stream(stream):
+                        work()
+                    stream.synchronize()
+                except Exception as exc:  # the kernels then compile in the first step: record why
+                    failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            return run
+
+        model = None
+        if self.modules:
+            try:
+                model = self._model()
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        first = [guarded(lambda: self._run_modules(model, self.tokens[0]))] if model is not None else []
+        rest = [guarded(lambda n=n: self._run_modules(model, n)) for n in self.tokens[1:]] if model is not None else []
+        if self.loss:
+            rest.append(guarded(self._run_loss))
+        for work in first:
+            work()
+        threads = [threading.Thread(target=work, name="peftlab-kernel-warmup", daemon=True) for work in rest]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.failure = failures[0] if failures else None
         self.seconds = time.perf_counter() - started
 
-    def _run_modules(self) -> None:
+    def _model(self):
         from peftlab.models.kernels import apply_liger_kernels
 
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        model = warmup_model(self.shape, self.dtype, "cuda", generator)
+        model = warmup_model(self.shape, self.dtype, "cuda", torch.Generator(device="cuda").manual_seed(0))
         apply_liger_kernels(model, "cuda")
-        ids = torch.randint(0, WARMUP_VOCABULARY, (1, WARMUP_TOKENS), device="cuda", generator=generator)
-        positions = torch.arange(WARMUP_TOKENS, device="cuda")[None]
+        model.requires_grad_(self.trains_base)
+        return model
+
+    def _run_modules(self, model, tokens: int) -> None:
+        generator = torch.Generator(device="cuda").manual_seed(tokens)
+        hidden_size = int(self.shape["hidden_size"])
+        embeds = torch.randn(1, tokens, hidden_size, dtype=self.dtype, device="cuda", generator=generator)
+        embeds.requires_grad_()  # as the hidden states entering a LoRA model's layers after the first
+        positions = torch.arange(tokens, device="cuda")[None]
         precision = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 \
             else contextlib.nullcontext()
         with precision:
-            hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            hidden = model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
         hidden.float().square().mean().backward()
 
     def _run_loss(self) -> None:

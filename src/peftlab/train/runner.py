@@ -44,6 +44,7 @@ from peftlab.train.checkpoints import (
     remove_checkpoints,
 )
 from peftlab.train.execution import choose_execution, explicit_keys
+from peftlab.train.graphs import bin_sizes
 from peftlab.train.kernel_warmup import KernelWarmup
 from peftlab.train.launch import check_launch
 from peftlab.train.meter import StepTimes, measure, release_memory
@@ -89,13 +90,6 @@ def train_method(
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dtype = resolve_dtype(config.model, device)
 
-    # Data
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(config.model)
-    _check_tokenizer(run_dir, tokenizer)
-    dataset = TokenizedRows(read_split(run_dir, "train"), method.loss_on)
-    data_seconds = time.perf_counter() - started
-
     # Execution: how the recipe's steps run on this device (the recipe itself is unchanged)
     recipe_config = method
     shape = _model_shape(config, source, device)
@@ -105,11 +99,19 @@ def train_method(
     method = execution.method
     model_config = replace(config.model, attn_implementation=load_name(execution.attention),
                            liger_kernel=execution.liger)
-    # Triton kernels compile in the background while the model loads; the first step waits for them.
+    # Triton kernels compile in the background while the data and the model load; the first step waits.
     warmup = None
     if shape is not None and (execution.liger or execution.liger_loss):
         warmup = KernelWarmup(shape, dtype, modules=execution.liger, loss=execution.liger_loss,
-                              autocast_bf16=dtype == torch.bfloat16).start()
+                              autocast_bf16=dtype == torch.bfloat16, trains_base=method.kind in ("galore", "full"),
+                              tokens=bin_sizes(method.graph_tokens) if method.graph_tokens else None).start()
+
+    # Data
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.model)
+    _check_tokenizer(run_dir, tokenizer)
+    dataset = TokenizedRows(read_split(run_dir, "train"), method.loss_on)
+    data_seconds = time.perf_counter() - started
 
     # Recipe: the model, which parameters train, and their optimizer
     started = time.perf_counter()

@@ -21,6 +21,7 @@ from peftlab.train.graphs import (
     BinLayout,
     GraphedForwardBackward,
     bin_size,
+    bin_sizes,
     bin_tensors,
     pack_bins,
     row_slots,
@@ -184,6 +185,7 @@ class TargetTokenTrainer(Trainer):
             trained = [param for param in model.parameters() if param.requires_grad]
             self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
                                                   capture=self.cuda_graphs and self.args.device.type == "cuda")
+            self._capture_during_refresh()
         rows_per_bin = self.args.per_device_train_batch_size
         total = None
         for rows in pack_bins(lengths, self.graph_tokens, rows_per_bin):
@@ -195,6 +197,17 @@ class TargetTokenTrainer(Trainer):
             loss = self.graphed(values, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
+
+    def _capture_during_refresh(self) -> None:
+        """A GaLore optimizer refreshing its bases in threads lets the host capture the bin sizes not
+        seen yet meanwhile (`GraphedForwardBackward.capture_ahead`): the first refresh and those captures
+        overlap instead of following each other."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        if not hasattr(optimizer, "while_refreshing"):
+            return
+        graphed, rows_per_bin, sizes = self.graphed, self.args.per_device_train_batch_size, bin_sizes(self.graph_tokens)
+        optimizer.while_refreshing = lambda: graphed.capture_ahead(sizes, lambda size: row_slots(size, rows_per_bin),
+                                                                   self.pad_id)
 
     def _bin_loss(self, model):
         causal_lm = base_model(model)
