@@ -75,3 +75,21 @@ def test_warmup_compiles_liger_and_the_cross_entropy_on_cuda():
     warmup.wait()
     assert warmup.describe()["failure"] is None
     assert warmup.seconds > 0
+
+
+@pytest.mark.parametrize("trains_base", [False, True])
+def test_the_warmup_work_runs_every_family_and_the_layer_at_every_size(trains_base):
+    # On a CPU the same work runs without liger's kernels: the shapes and calls are the GPU's.
+    shape = read_model_config("builtin:gemma-3-1b")
+    warmup = KernelWarmup(shape, torch.float32, modules=True, loss=False, autocast_bf16=False, tokens=[128, 64],
+                          trains_base=trains_base, device="cpu")
+    assert warmup.tokens == [64, 128]
+    model = warmup._model()
+    assert all(p.requires_grad == trains_base for p in model.parameters())
+    families = warmup._families(model)
+    assert len(families) == 4  # hidden norm, head norms, MLP, RoPE
+    for work in families:
+        work()
+    warmup._run_modules(model, 64)
+    norm = model.get_decoder().layers[0].input_layernorm.weight
+    assert (norm.grad is not None) == trains_base  # a frozen base: the norm's weight gradient is not computed

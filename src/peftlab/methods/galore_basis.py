@@ -91,6 +91,9 @@ def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], wo
     from concurrent.futures import ThreadPoolExecutor
 
     cuda = bool(members) and members[0][1].is_cuda
+    if cuda:
+        # torch loads its CUDA linear-algebra library on the first call; two threads at once fail there.
+        torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=members[0][1].device))
     current = torch.cuda.current_stream() if cuda else None
     streams = [torch.cuda.Stream() if cuda else None for _ in range(workers)]
 

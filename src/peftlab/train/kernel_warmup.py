@@ -52,14 +52,13 @@ class KernelWarmup:
     forward and backward, in background threads (see the module docstring).
 
     `tokens`: the token counts of the forwards to come (the bin sizes): Triton specialises some
-    backward kernels on row counts (their 16-divisibility), so each size runs once, the smallest first
-    (it compiles what all share), the others then in parallel threads (a compile mostly waits on the
-    compiler processes). `trains_base`: the model's own weights train (GaLore, full) or are frozen
+    backward kernels on row counts (their 16-divisibility), so each size runs once. `trains_base`: the model's own weights train (GaLore, full) or are frozen
     (LoRA, QLoRA: the RMSNorm backward then skips its weight gradient, another specialisation).
     `autocast_bf16`: as the binned step runs its decoder."""
 
     def __init__(self, shape: dict[str, Any], dtype: torch.dtype, *, modules: bool, loss: bool,
-                 autocast_bf16: bool, tokens: list[int] | None = None, trains_base: bool = True) -> None:
+                 autocast_bf16: bool, tokens: list[int] | None = None, trains_base: bool = True,
+                 device: str = "cuda") -> None:
         self.shape = shape
         self.dtype = dtype
         self.modules = modules
@@ -67,6 +66,7 @@ class KernelWarmup:
         self.autocast_bf16 = autocast_bf16
         self.tokens = sorted(set(tokens or [WARMUP_TOKENS]))
         self.trains_base = trains_base
+        self.device = device  # "cpu" only in tests: the work without Triton
         self.seconds: float | None = None
         self.waited_s: float | None = None
         self.failure: str | None = None
@@ -124,37 +124,84 @@ class KernelWarmup:
                 model = self._model()
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        first = [guarded(lambda: self._run_modules(model, self.tokens[0]))] if model is not None else []
-        rest = [guarded(lambda n=n: self._run_modules(model, n)) for n in self.tokens[1:]] if model is not None else []
+        # One thread per kernel family (a compile mostly waits on the compiler's processes), each over
+        # every size; then the whole layer at each size, which finds them compiled (and compiles anything
+        # the families missed).
+        families = self._families(model) if model is not None else []
         if self.loss:
-            rest.append(guarded(self._run_loss))
-        for work in first:
-            work()
-        threads = [threading.Thread(target=work, name="peftlab-kernel-warmup", daemon=True) for work in rest]
+            families.append(self._run_loss)
+        threads = [threading.Thread(target=guarded(work), name="peftlab-kernel-warmup", daemon=True)
+                   for work in families]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if model is not None:
+            for tokens in self.tokens:
+                guarded(lambda tokens=tokens: self._run_modules(model, tokens))()
         self.failure = failures[0] if failures else None
         self.seconds = time.perf_counter() - started
 
     def _model(self):
         from peftlab.models.kernels import apply_liger_kernels
 
-        model = warmup_model(self.shape, self.dtype, "cuda", torch.Generator(device="cuda").manual_seed(0))
-        apply_liger_kernels(model, "cuda")
+        model = warmup_model(self.shape, self.dtype, self.device, torch.Generator(device=self.device).manual_seed(0))
+        if self.device == "cuda":
+            apply_liger_kernels(model, "cuda")
         model.requires_grad_(self.trains_base)
         return model
 
-    def _run_modules(self, model, tokens: int) -> None:
-        generator = torch.Generator(device="cuda").manual_seed(tokens)
-        hidden_size = int(self.shape["hidden_size"])
-        embeds = torch.randn(1, tokens, hidden_size, dtype=self.dtype, device="cuda", generator=generator)
-        embeds.requires_grad_()  # as the hidden states entering a LoRA model's layers after the first
-        positions = torch.arange(tokens, device="cuda")[None]
-        precision = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 \
+    def _families(self, model) -> list[Callable[[], None]]:
+        """Work per liger-kernel family, each over every size: the RMSNorms of the hidden states and of
+        the heads (the query and key norms, as Gemma 3's attention calls them), the GeGLU MLP, RoPE."""
+        from transformers.models.gemma3 import modeling_gemma3
+
+        layer = model.get_decoder().layers[0]
+        attention = layer.self_attn
+        hidden = int(self.shape["hidden_size"])
+        heads, kv_heads = int(self.shape["num_attention_heads"]), int(self.shape["num_key_value_heads"])
+        head_dim = int(self.shape.get("head_dim") or hidden // heads)
+
+        def through(module: Callable[..., Any], *shapes: tuple[int, ...]) -> Callable[[int], None]:
+            def run(tokens: int) -> None:
+                generator = torch.Generator(device=self.device).manual_seed(tokens)
+                inputs = [torch.randn([tokens if size == -1 else size for size in shape], dtype=self.dtype,
+                                      device=self.device, generator=generator).requires_grad_() for shape in shapes]
+                with self._precision():
+                    outputs = module(*inputs)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                sum(out.float().square().mean() for out in outputs).backward()
+            return run
+
+        def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+            return modeling_gemma3.apply_rotary_pos_emb(q, k, cos.detach(), sin.detach())
+
+        per_size = [
+            through(layer.input_layernorm, (1, -1, hidden)),
+            through(lambda q, k: (attention.q_norm(q), attention.k_norm(k)), (1, heads, -1, head_dim),
+                    (1, kv_heads, -1, head_dim)),
+            through(layer.mlp, (1, -1, hidden)),
+            through(rope, (1, heads, -1, head_dim), (1, kv_heads, -1, head_dim), (1, -1, head_dim), (1, -1, head_dim)),
+        ]
+        def every_size(work: Callable[[int], None]) -> Callable[[], None]:
+            def run() -> None:
+                for tokens in self.tokens:
+                    work(tokens)
+            return run
+
+        return [every_size(work) for work in per_size]
+
+    def _precision(self):
+        return torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 \
             else contextlib.nullcontext()
-        with precision:
+
+    def _run_modules(self, model, tokens: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(tokens)
+        hidden_size = int(self.shape["hidden_size"])
+        embeds = torch.randn(1, tokens, hidden_size, dtype=self.dtype, device=self.device, generator=generator)
+        embeds.requires_grad_()  # as the hidden states entering a LoRA model's layers after the first
+        positions = torch.arange(tokens, device=self.device)[None]
+        with self._precision():
             hidden = model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
         hidden.float().square().mean().backward()
 
@@ -165,10 +212,10 @@ class KernelWarmup:
         kernel = _liger_kernel()
         if kernel is None:
             return
-        generator = torch.Generator(device="cuda").manual_seed(0)
+        generator = torch.Generator(device=self.device).manual_seed(0)
         vocabulary = int(self.shape["vocab_size"])
-        logits = torch.randn(16, vocabulary, dtype=self.dtype, device="cuda", generator=generator)
-        targets = torch.randint(0, vocabulary, (16,), device="cuda", generator=generator)
+        logits = torch.randn(16, vocabulary, dtype=self.dtype, device=self.device, generator=generator)
+        targets = torch.randint(0, vocabulary, (16,), device=self.device, generator=generator)
         targets[::4] = IGNORE
         _fused_softmax_gradient_(kernel, logits, targets, self.shape.get("final_logit_softcapping"))
 
