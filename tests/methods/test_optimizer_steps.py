@@ -71,6 +71,7 @@ def test_prefetched_refresh_gives_the_same_updates(device, refresh, monkeypatch)
     monkeypatch.setattr(galore_basis, "prefetch_bases",
                         lambda due, workers=0: counted.append(prefetch(due, workers)) or counted[-1])
     results = []
+    meanwhile: list[int] = []
     for mode in (None, refresh):
         generator = torch.Generator().manual_seed(0)
         # Two weights of one shape (one batched eigensolve for both), a wide one, and an unprojected one.
@@ -79,7 +80,6 @@ def test_prefetched_refresh_gives_the_same_updates(device, refresh, monkeypatch)
         optimizer = ForeachGaLoreAdamW([{"params": params[:3], "rank": 4, "update_proj_gap": 2, "scale": 0.25,
                                          "proj_type": "std"}, {"params": params[3:]}], lr=1e-2,
                                        no_deprecation_warning=True, foreach=True, refresh=mode)
-        meanwhile: list[int] = []
         optimizer.while_refreshing = lambda: meanwhile.append(1)
         galore_basis.seed_projectors(optimizer)
         grads = torch.Generator().manual_seed(1)

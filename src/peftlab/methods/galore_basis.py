@@ -112,6 +112,10 @@ def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], wo
     for stream in streams:
         if stream is not None:
             current.wait_stream(stream)
+    if cuda:
+        from peftlab.models.kernels import release_side_stream_workspaces
+
+        release_side_stream_workspaces()  # each worker stream's cuBLAS workspace, kept for good otherwise
 
 
 class GramProjector(GaLoreProjector):

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from peftlab.models.kernels import release_side_stream_workspaces
+
 # Tokens of the warm-up forward when the sizes to come are not known (no bins).
 WARMUP_TOKENS = 64
 WARMUP_VOCABULARY = 512
@@ -89,6 +91,7 @@ class KernelWarmup:
             return
         started = time.perf_counter()
         self._thread.join()
+        release_side_stream_workspaces()
         self.waited_s = time.perf_counter() - started
         self.cache_files_after = triton_cache_files()
 
@@ -243,3 +246,4 @@ def triton_cache_files() -> int:
     home = os.environ.get("TRITON_HOME") or Path.home()
     root = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
     return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0
+
