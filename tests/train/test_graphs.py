@@ -105,9 +105,12 @@ def test_graphs_captured_ahead_give_the_eager_gradients():
     expected = [param.grad.clone() for param in params]
     for param in params:
         param.grad = None
-    graphed = GraphedForwardBackward(loss_fn, params)
+    unused = torch.nn.Parameter(torch.ones(3, device="cuda"))  # trained, but without a gradient so far
+    graphed = GraphedForwardBackward(loss_fn, [*params, unused])
     graphed(values(bins[0]), 7)  # the eager warm-up bin
-    assert graphed.capture_ahead(bin_sizes(capacity), lambda size: row_slots(size, max_rows), pad_id=0) == 4
+    with torch.no_grad():  # as inside an optimizer step
+        assert graphed.capture_ahead(bin_sizes(capacity), lambda size: row_slots(size, max_rows), pad_id=0) == 4
+    assert unused.grad is None  # the optimizer step that runs meanwhile must not see a zero gradient
     assert graphed.replays == 0  # captured, not run: the gradients are still the warm-up bin's
     for rows_of_bin in bins[1:]:
         graphed(values(rows_of_bin), 7)

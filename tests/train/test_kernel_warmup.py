@@ -71,10 +71,18 @@ def test_triton_cache_files_counts_the_cache_directory(tmp_path, monkeypatch):
 def test_warmup_compiles_liger_and_the_cross_entropy_on_cuda():
     pytest.importorskip("liger_kernel")
     shape = read_model_config("builtin:gemma-3-1b")
-    warmup = KernelWarmup(shape, torch.bfloat16, modules=True, loss=True, autocast_bf16=True).start()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    warmup = KernelWarmup(shape, torch.bfloat16, modules=True, loss=True, autocast_bf16=True,
+                          tokens=[1024, 2048], trains_base=True,
+                          device=f"cuda:{torch.cuda.current_device()}").start()
+    assert torch.get_default_dtype() == torch.float32  # the small model is built before start returns
     warmup.wait()
     assert warmup.describe()["failure"] is None
     assert warmup.seconds > 0
+    torch.cuda.synchronize()
+    # The small model, its gradients and the side streams' cuBLAS workspaces are gone.
+    assert torch.cuda.memory_allocated() - allocated < 16 * 2**20
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the work (a GPU test may have patched in liger)")

@@ -615,3 +615,26 @@ def test_training_takes_the_fused_loss_only_when_the_tied_embedding_trains(smoke
     base = "galore" if kind == "galore" else "qlora"
     train_method(config, run_dir, kind, method=_method(config, base, kind=kind, max_steps=1), out=tmp_path / kind)
     assert bool(used) is fused
+
+
+def test_floating_point_ops_counts_the_parameters_once_with_transformers_formula():
+    from transformers import Trainer
+
+    class Model:
+        main_input_name = "input_ids"
+        calls = 0
+
+        def num_parameters(self, exclude_embeddings: bool = False) -> int:
+            Model.calls += 1
+            return 1_000 if exclude_embeddings else 5_000
+
+    class Host:  # the attributes floating_point_ops reads
+        model = Model()
+
+    inputs = {"input_ids": torch.zeros(1, 37, dtype=torch.long)}
+    theirs = Trainer.floating_point_ops(Host(), inputs)
+    host = Host()
+    ours = [TargetTokenTrainer.floating_point_ops(host, inputs) for _ in range(3)]
+    assert ours == [theirs] * 3 == [6 * 37 * 1_000] * 3
+    assert Model.calls == 2  # once for transformers' call, once for ours: not once per step
+    assert TargetTokenTrainer.floating_point_ops(host, {"other": torch.zeros(2)}) == 0

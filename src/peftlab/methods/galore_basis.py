@@ -65,7 +65,8 @@ def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]], workers: int
     """Compute the bases of several `GramProjector`s due for a refresh (`std`: the smaller side) at once.
     `workers` 0: one batched fp64 eigensolve per gradient shape instead of one call per weight; `workers`
     > 0: one call per weight, spread over that many threads, each on its own CUDA stream (a 1,152-wide
-    fp64 eigensolve is latency-bound, so several overlap on one GPU). Each projector takes its basis at
+    fp64 eigensolve is latency-bound, so several overlap on one GPU; the caller frees the streams' cuBLAS
+    workspaces afterwards, `models.kernels.release_side_stream_workspaces`, on its own thread). Each projector takes its basis at
     its refresh (`get_orthogonal_matrix`), the same as it would compute alone. Returns how many bases
     were computed."""
     members: list[tuple[GramProjector, torch.Tensor, str]] = []
@@ -98,6 +99,8 @@ def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], wo
     streams = [torch.cuda.Stream() if cuda else None for _ in range(workers)]
 
     def work(index: int) -> None:
+        if cuda:
+            torch.cuda.set_device(members[0][1].device)  # a new thread starts on GPU 0
         stream = streams[index]
         if stream is not None:
             stream.wait_stream(current)
@@ -112,10 +115,6 @@ def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], wo
     for stream in streams:
         if stream is not None:
             current.wait_stream(stream)
-    if cuda:
-        from peftlab.models.kernels import release_side_stream_workspaces
-
-        release_side_stream_workspaces()  # each worker stream's cuBLAS workspace, kept for good otherwise
 
 
 class GramProjector(GaLoreProjector):

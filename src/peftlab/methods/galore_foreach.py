@@ -87,6 +87,7 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
         """Bases for every projector that this step's `project` will refresh (galore-torch's rule: no
         basis yet, or the step count a multiple of `update_proj_gap`), computed together."""
         from peftlab.methods.galore_basis import prefetch_bases
+        from peftlab.models.kernels import release_side_stream_workspaces
 
         due = []
         for group in self.param_groups:
@@ -102,23 +103,28 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
             return
         if self.refresh != "threads" or self.while_refreshing is None:
             prefetch_bases(due, workers=self.REFRESH_THREADS if self.refresh == "threads" else 0)
-            return
-        failed: list[BaseException] = []
+        else:
+            failed: list[BaseException] = []
+            device = due[0][1].device
 
-        def compute() -> None:
+            def compute() -> None:
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.set_device(device)  # a new thread starts on GPU 0
+                    prefetch_bases(due, workers=self.REFRESH_THREADS)
+                except BaseException as exc:  # raised on this thread after the join
+                    failed.append(exc)
+
+            worker = threading.Thread(target=compute, name="peftlab-galore-refresh")
+            worker.start()
             try:
-                prefetch_bases(due, workers=self.REFRESH_THREADS)
-            except BaseException as exc:  # raised on this thread after the join
-                failed.append(exc)
-
-        worker = threading.Thread(target=compute, name="peftlab-galore-refresh")
-        worker.start()
-        try:
-            self.while_refreshing()
-        finally:
-            worker.join()
-        if failed:
-            raise failed[0]
+                self.while_refreshing()
+            finally:
+                worker.join()
+            if failed:
+                raise failed[0]
+        if self.refresh == "threads":
+            release_side_stream_workspaces()  # the worker streams' cuBLAS workspaces, kept for good otherwise
 
     @staticmethod
     def _update(group: dict, step: int, batch: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:

@@ -174,6 +174,9 @@ class GraphedForwardBackward:
         started = time.perf_counter()
         device = next(iter(self.buffers.values()))["input_ids"].device
         captured = 0
+        # A capture gives every parameter a `.grad` to accumulate into; in the middle of an optimizer step
+        # one without a gradient must stay without (`_restore_grads` zeroes it before the next bin).
+        no_grad_yet = [param for param in self.params if param.grad is None]
         with torch.enable_grad():  # an optimizer step runs under no_grad
             for size in sizes:
                 if size in self.graphs:
@@ -187,6 +190,8 @@ class GraphedForwardBackward:
                 if self.failure is not None:
                     break
                 captured += 1
+        for param in no_grad_yet:
+            param.grad = None
         self.captured_ahead += captured
         self.seconds["capture_ahead"] += time.perf_counter() - started
         return captured

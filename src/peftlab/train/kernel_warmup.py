@@ -71,19 +71,27 @@ class KernelWarmup:
         self.autocast_bf16 = autocast_bf16
         self.tokens = sorted(set(tokens or [WARMUP_TOKENS]))
         self.trains_base = trains_base
-        self.device = device  # "cpu" only in tests: the work without Triton
+        self.device = device  # this process's GPU ("cuda:N"); "cpu" only in tests: the work without Triton
         self.seconds: float | None = None
         self.waited_s: float | None = None
         self.failure: str | None = None
         self.cache_files_after: int | None = None  # Triton's cache when the loop starts
         self.compiled_in_loop: int | None = None  # cache files the loop added: kernels the warm-up missed
         self._thread: threading.Thread | None = None
+        self._started = 0.0
+        self._model_copy = None
 
     def start(self) -> KernelWarmup:
+        """Build the small model here, on the calling thread (transformers sets the process's default
+        dtype while it builds one, which a thread would change under the main thread's feet), then
+        compile in background threads."""
+        self._started = time.perf_counter()
+        self._model_copy = None
         if self.modules:
-            from peftlab.models.kernels import patch_gemma3_modules
-
-            patch_gemma3_modules()  # here, not in a thread: the main thread is about to build the model
+            try:
+                self._model_copy = self._model()  # also liger's module-level patch, before the real model is built
+            except Exception as exc:
+                self.failure = _described(exc)
         self._thread = threading.Thread(target=self._run, name="peftlab-kernel-warmup", daemon=True)
         self._thread.start()
         return self
@@ -110,30 +118,31 @@ class KernelWarmup:
                 "compiled_in_loop": self.compiled_in_loop, "failure": self.failure}
 
     def _run(self) -> None:
-        started = time.perf_counter()
-        failures: list[str] = []
+        failures: list[str] = [self.failure] if self.failure else []
+        model, self._model_copy = self._model_copy, None
 
         def guarded(work: Callable[[], None]) -> Callable[[], None]:
             def run() -> None:
                 try:
+                    if self.device.startswith("cuda"):
+                        torch.cuda.set_device(torch.device(self.device))  # a new thread starts on GPU 0
                     stream = torch.cuda.Stream()
                     with torch.cuda.stream(stream):
                         work()
                     stream.synchronize()
                 except Exception as exc:  # the kernels then compile in the first step: record why
-                    failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+                    failures.append(_described(exc))
             return run
 
-        model = None
-        if self.modules:
-            try:
-                model = self._model()
-            except Exception as exc:
-                failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
         # One thread per kernel family (a compile mostly waits on the compiler's processes), each over
         # every size; then the whole layer at each size, which finds them compiled (and compiles anything
         # the families missed).
-        families = self._families(model) if model is not None else []
+        families: list[Callable[[], None]] = []
+        if model is not None:
+            try:
+                families = self._families(model)
+            except Exception as exc:
+                failures.append(_described(exc))
         if self.loss:
             families.append(self._run_loss)
         threads = [threading.Thread(target=guarded(work), name="peftlab-kernel-warmup", daemon=True)
@@ -144,15 +153,19 @@ class KernelWarmup:
             thread.join()
         if model is not None:
             for tokens in self.tokens:
-                guarded(lambda tokens=tokens: self._run_modules(model, tokens))()
+                guarded(lambda tokens=tokens, model=model: self._run_modules(model, tokens))()
+            # liger binds its forwards to the modules (a reference cycle): unbind, so the copy is freed now.
+            for module in model.modules():
+                module.__dict__.pop("forward", None)
+        del model, families
         self.failure = failures[0] if failures else None
-        self.seconds = time.perf_counter() - started
+        self.seconds = time.perf_counter() - self._started
 
     def _model(self):
         from peftlab.models.kernels import apply_liger_kernels
 
         model = warmup_model(self.shape, self.dtype, self.device, torch.Generator(device=self.device).manual_seed(0))
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             apply_liger_kernels(model, "cuda")
         model.requires_grad_(self.trains_base)
         return model
@@ -198,7 +211,7 @@ class KernelWarmup:
         return [every_size(work) for work in per_size]
 
     def _precision(self):
-        return torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 \
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 \
             else contextlib.nullcontext()
 
     def _run_modules(self, model, tokens: int) -> None:
@@ -250,3 +263,6 @@ def triton_cache_files() -> int:
     root = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
     return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0
 
+
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"

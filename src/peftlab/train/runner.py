@@ -104,7 +104,8 @@ def train_method(
     if shape is not None and (execution.liger or execution.liger_loss):
         warmup = KernelWarmup(shape, dtype, modules=execution.liger, loss=execution.liger_loss,
                               autocast_bf16=dtype == torch.bfloat16, trains_base=method.kind in ("galore", "full"),
-                              tokens=bin_sizes(method.graph_tokens) if method.graph_tokens else None).start()
+                              tokens=bin_sizes(method.graph_tokens) if method.graph_tokens else None,
+                              device=f"cuda:{torch.cuda.current_device()}").start()
 
     # Data
     started = time.perf_counter()

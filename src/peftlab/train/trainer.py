@@ -123,6 +123,16 @@ class TargetTokenTrainer(Trainer):
         with self.segments.timing_save():
             return super()._save_checkpoint(model, trial)
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """transformers' estimate (6 x input tokens x parameters without embeddings), the parameters counted
+        once: transformers counts them again at every step, ~2,000 module walks for a 1B PEFT model."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if getattr(self, "_counted_parameters", None) is None:
+            self._counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._counted_parameters
+
     def _track_num_input_tokens(self, inputs):
         if not (is_packed(inputs) and self.args.include_num_input_tokens_seen != "no"):
             return super()._track_num_input_tokens(inputs)
