@@ -71,6 +71,8 @@ class KernelWarmup:
         self.autocast_bf16 = autocast_bf16
         self.tokens = sorted(set(tokens or [WARMUP_TOKENS]))
         self.trains_base = trains_base
+        if device == "cuda" and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
         self.device = device  # this process's GPU ("cuda:N"); "cpu" only in tests: the work without Triton
         self.seconds: float | None = None
         self.waited_s: float | None = None
