@@ -10,3 +10,10 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one line without a traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as `Type: first line of its message` (at most 300 characters), for a record of a
+    fallback (a CUDA-graph capture, a kernel warm-up) that is reported rather than raised."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"

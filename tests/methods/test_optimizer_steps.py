@@ -69,7 +69,8 @@ def test_prefetched_refresh_gives_the_same_updates(device, refresh, monkeypatch)
     counted: list[int] = []
     prefetch = galore_basis.prefetch_bases
     monkeypatch.setattr(galore_basis, "prefetch_bases",
-                        lambda due, workers=0: counted.append(prefetch(due, workers)) or counted[-1])
+                        lambda due, workers=0, meanwhile=None: counted.append(prefetch(due, workers, meanwhile))
+                        or counted[-1])
     results = []
     meanwhile: list[int] = []
     for mode in (None, refresh):

@@ -17,8 +17,8 @@ run at 1/32-1/64 of the fp32 rate on consumer GPUs, where the refresh costs more
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from galore_torch.galore_projector import GaLoreProjector
@@ -61,21 +61,22 @@ def top_singular_basis(grad: torch.Tensor, rank: int, side: Literal["left", "rig
     return basis_from_gram(gradient_gram(grad, side), rank, side, grad.dtype)
 
 
-def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]], workers: int = 0) -> int:
+def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]], workers: int = 0,
+                   meanwhile: Callable[[], Any] | None = None) -> int:
     """Compute the bases of several `GramProjector`s due for a refresh (`std`: the smaller side) at once.
     `workers` 0: one batched fp64 eigensolve per gradient shape instead of one call per weight; `workers`
     > 0: one call per weight, spread over that many threads, each on its own CUDA stream (a 1,152-wide
     fp64 eigensolve is latency-bound, so several overlap on one GPU; the caller frees the streams' cuBLAS
-    workspaces afterwards, `models.kernels.release_side_stream_workspaces`, on its own thread). Each projector takes its basis at
-    its refresh (`get_orthogonal_matrix`), the same as it would compute alone. Returns how many bases
-    were computed."""
+    workspaces afterwards, `models.kernels.release_side_stream_workspaces`); `meanwhile` then runs on
+    the calling thread while they work. Each projector takes its basis at its refresh
+    (`get_orthogonal_matrix`), the same as it would compute alone. Returns how many bases were computed."""
     members: list[tuple[GramProjector, torch.Tensor, str]] = []
     for projector, grad in due:
         if not isinstance(projector, GramProjector) or projector.proj_type != "std" or grad.dim() != 2:
             continue
         members.append((projector, grad, "right" if grad.shape[0] >= grad.shape[1] else "left"))
     if workers > 0:
-        _bases_in_threads(members, workers)
+        _bases_in_threads(members, workers, meanwhile)
         return len(members)
     groups: dict[tuple, list[tuple[GramProjector, torch.Tensor, str]]] = {}
     for projector, grad, side in members:
@@ -88,7 +89,8 @@ def prefetch_bases(due: list[tuple[GaLoreProjector, torch.Tensor]], workers: int
     return len(members)
 
 
-def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], workers: int) -> None:
+def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], workers: int,
+                      meanwhile: Callable[[], Any] | None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     cuda = bool(members) and members[0][1].is_cuda
@@ -111,7 +113,13 @@ def _bases_in_threads(members: list[tuple[GramProjector, torch.Tensor, str]], wo
                     projector.prefetched.record_stream(current)  # used on the main stream, freed after it
 
     with ThreadPoolExecutor(workers, thread_name_prefix="peftlab-galore-basis") as pool:
-        list(pool.map(work, range(workers)))
+        futures = [pool.submit(work, index) for index in range(workers)]
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            for future in futures:
+                future.result()  # a worker's exception is raised here
     for stream in streams:
         if stream is not None:
             current.wait_stream(stream)

@@ -13,7 +13,6 @@ on a CPU), so the checkpoints are interchangeable. Written here because galore-t
 from __future__ import annotations
 
 import math
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -101,29 +100,9 @@ class ForeachGaLoreAdamW(GaLoreAdamW):
                     due.append((projector, param.grad))
         if not due:
             return
-        if self.refresh != "threads" or self.while_refreshing is None:
-            prefetch_bases(due, workers=self.REFRESH_THREADS if self.refresh == "threads" else 0)
-        else:
-            failed: list[BaseException] = []
-            device = due[0][1].device
-
-            def compute() -> None:
-                try:
-                    if device.type == "cuda":
-                        torch.cuda.set_device(device)  # a new thread starts on GPU 0
-                    prefetch_bases(due, workers=self.REFRESH_THREADS)
-                except BaseException as exc:  # raised on this thread after the join
-                    failed.append(exc)
-
-            worker = threading.Thread(target=compute, name="peftlab-galore-refresh")
-            worker.start()
-            try:
-                self.while_refreshing()
-            finally:
-                worker.join()
-            if failed:
-                raise failed[0]
-        if self.refresh == "threads":
+        workers = self.REFRESH_THREADS if self.refresh == "threads" else 0
+        prefetch_bases(due, workers=workers, meanwhile=self.while_refreshing if workers else None)
+        if workers:
             release_side_stream_workspaces()  # the worker streams' cuBLAS workspaces, kept for good otherwise
 
     @staticmethod

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from peftlab.errors import one_line
 from peftlab.train.batches import IGNORE
 
 # Padding inside a bin is cut into rows of at most this many tokens: its attention then costs
@@ -246,7 +247,7 @@ class GraphedForwardBackward:
                 static_loss = self.loss_fn(buffers)
                 static_loss.backward()
         except Exception as exc:  # any capture failure means: run eagerly, and say why
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self.failure = one_line(exc)
             torch.cuda.synchronize()
             return self._eager(buffers) if run else None
         self.graphs[size] = (graph, static_loss)

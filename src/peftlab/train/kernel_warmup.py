@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from peftlab.errors import one_line
 from peftlab.models.kernels import release_side_stream_workspaces
 
 # Tokens of the warm-up forward when the sizes to come are not known (no bins).
@@ -93,7 +94,7 @@ class KernelWarmup:
             try:
                 self._model_copy = self._model()  # also liger's module-level patch, before the real model is built
             except Exception as exc:
-                self.failure = _described(exc)
+                self.failure = one_line(exc)
         self._thread = threading.Thread(target=self._run, name="peftlab-kernel-warmup", daemon=True)
         self._thread.start()
         return self
@@ -133,7 +134,7 @@ class KernelWarmup:
                         work()
                     stream.synchronize()
                 except Exception as exc:  # the kernels then compile in the first step: record why
-                    failures.append(_described(exc))
+                    failures.append(one_line(exc))
             return run
 
         # One thread per kernel family (a compile mostly waits on the compiler's processes), each over
@@ -144,7 +145,7 @@ class KernelWarmup:
             try:
                 families = self._families(model)
             except Exception as exc:
-                failures.append(_described(exc))
+                failures.append(one_line(exc))
         if self.loss:
             families.append(self._run_loss)
         threads = [threading.Thread(target=guarded(work), name="peftlab-kernel-warmup", daemon=True)
@@ -265,6 +266,3 @@ def triton_cache_files() -> int:
     root = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
     return sum(1 for path in root.rglob("*") if path.is_file()) if root.is_dir() else 0
 
-
-def _described(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
