@@ -107,21 +107,38 @@ def test_foreach_galore_adamw_runs_galore_torchs_loop_on_a_cpu():
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
 
 
-def test_bitsandbytes_step_with_one_sync_gives_the_same_update():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_bitsandbytes_step_with_one_sync_gives_the_same_update(device, paged, monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from peftlab.train.optimizers import without_per_parameter_syncs
+    if paged and device == "cpu":
+        pytest.skip("bitsandbytes pages GPU memory only")
+    from peftlab.train import optimizers
 
-    theirs = [torch.nn.Parameter(torch.randn(64, 256, generator=torch.Generator().manual_seed(s))) for s in range(3)]
+    called: list[int] = []
+    direct = optimizers._direct_8bit_update()
+    if device == "cuda":  # the CUDA path calls bitsandbytes' implementation directly
+        assert direct is not None
+        monkeypatch.setattr(optimizers, "_direct_8bit_update", lambda: lambda *args: called.append(1) or direct(*args))
+    # 5,000+ elements per tensor: bitsandbytes keeps smaller ones in fp32 states (min_8bit_size 4096).
+    theirs = [torch.nn.Parameter(torch.randn(64, 256, generator=torch.Generator().manual_seed(s)).to(device))
+              for s in range(3)]
     ours = copy.deepcopy(theirs)
-    plain = bnb.optim.AdamW8bit(theirs, lr=1e-2, weight_decay=0.01)
-    patched = bnb.optim.AdamW8bit(ours, lr=1e-2, weight_decay=0.01)
-    assert without_per_parameter_syncs(patched) and not without_per_parameter_syncs(torch.optim.AdamW(ours))
+    kind = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    plain = kind(theirs, lr=1e-2, weight_decay=0.01)
+    patched = kind(ours, lr=1e-2, weight_decay=0.01)
+    assert optimizers.without_per_parameter_syncs(patched)
+    assert not optimizers.without_per_parameter_syncs(torch.optim.AdamW(ours))
     generator = torch.Generator().manual_seed(2)
     for _ in range(3):
         for a, b in zip(theirs, ours, strict=True):
-            a.grad = torch.randn(a.shape, generator=generator)
+            a.grad = torch.randn(a.shape, generator=generator).to(device)
             b.grad = a.grad.clone()
         plain.step()
         patched.step()
-    for a, b in zip(theirs, ours, strict=True):
-        assert torch.equal(a, b) and not torch.equal(a, theirs[0].detach() * 0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert len(called) == 9
+    start = [torch.randn(64, 256, generator=torch.Generator().manual_seed(s)).to(device) for s in range(3)]
+    for a, b, before in zip(theirs, ours, start, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, before)

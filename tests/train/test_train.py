@@ -635,3 +635,37 @@ def test_floating_point_ops_counts_the_parameters_once_with_transformers_formula
     assert ours == [6 * 37 * 1_000] * 3  # transformers': 6 x input tokens x parameters without embeddings
     assert Model.calls == 1  # counted once, not once per step
     assert TargetTokenTrainer.floating_point_ops(host, {"other": torch.zeros(2)}) == 0
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_deferred_logs_give_the_same_history(smoke, tmp_path, monkeypatch, logging_steps):
+    """A logged step's values read at the next step (`PendingLog`, on one GPU) log what reading them
+    at once does: the same steps, epochs, losses, gradient norms and training-loss mean."""
+    from peftlab.train import trainer as trainer_module
+
+    config, run_dir = smoke
+    method = _method(config, "qlora", kind="lora", max_steps=5, logging_steps=logging_steps)
+    deferred = {"on": False}
+    written: list[int] = []
+    trainers: list[TargetTokenTrainer] = []
+    write, log = trainer_module.PendingLog.write, TargetTokenTrainer.log
+    monkeypatch.setattr(TargetTokenTrainer, "_defers_logs", lambda self, tr_loss: deferred["on"])
+    monkeypatch.setattr(trainer_module.PendingLog, "write",
+                        lambda self, trainer: written.append(self.step) or write(self, trainer))
+    monkeypatch.setattr(TargetTokenTrainer, "log",
+                        lambda self, *args, **kwargs: trainers.append(self) or log(self, *args, **kwargs))
+    histories, metrics = [], []
+    for on in (False, True):
+        deferred["on"] = on
+        metrics.append(train_method(config, run_dir, "lora", method=method, out=tmp_path / str(on)))
+        speed = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
+        histories.append([{k: v for k, v in entry.items() if k not in speed}
+                          for entry in trainers[-1].state.log_history])
+    logged = [step for step in range(1, 6) if step % logging_steps == 0]
+    assert written == logged  # every logged step went through PendingLog, in order
+    assert [e["step"] for e in histories[1] if "loss" in e] == logged
+    for ours, theirs in zip(histories[1], histories[0], strict=True):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-6), key
+    assert metrics[1]["train_loss_mean"] == pytest.approx(metrics[0]["train_loss_mean"], rel=1e-6)

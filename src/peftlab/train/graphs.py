@@ -138,6 +138,7 @@ class GraphedForwardBackward:
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # per bin size
         self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}  # per bin size: the graph, its loss output
         self.pool: Any = None
+        self.capture_stream: Any = None
         self.grads: list[torch.Tensor] | None = None
         self.failure: str | None = None
         self.eager_bins = 0
@@ -225,8 +226,7 @@ class GraphedForwardBackward:
             loss = self.loss_fn(buffers)
             loss.backward()
         torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()  # a few bins before the first capture only: timed for `describe`
-        self.seconds["warmup"] += time.perf_counter() - started
+        self.seconds["warmup"] += time.perf_counter() - started  # host time, as the captures
         return loss.detach()
 
     def _capture(self, size: int, buffers: dict[str, torch.Tensor], run: bool = True) -> torch.Tensor | None:
@@ -239,13 +239,11 @@ class GraphedForwardBackward:
                 param.grad = torch.zeros_like(param)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+            self.capture_stream = torch.cuda.Stream()
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: other threads (GaLore's refresh) may allocate and synchronise meanwhile.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                static_loss = self.loss_fn(buffers)
-                static_loss.backward()
+            static_loss = self._record(graph, buffers)
         except Exception as exc:  # any capture failure means: run eagerly, and say why
             self.failure = one_line(exc)
             torch.cuda.synchronize()
@@ -256,9 +254,29 @@ class GraphedForwardBackward:
             return None
         graph.replay()
         self.replays += 1
-        torch.cuda.synchronize()  # once per bin size
-        self.seconds["capture"] += time.perf_counter() - started
+        self.seconds["capture"] += time.perf_counter() - started  # host time: the replay runs on
         return static_loss.detach().clone()
+
+    def _record(self, graph: Any, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Capture `loss_fn` forward + backward into `graph` on the capture stream.
+
+        `torch.cuda.graph` would first synchronise the device and empty the allocator's device and
+        pinned-host caches, for every capture: the host then waits for the GPU, and the next steps
+        pay for fresh cudaMalloc / cudaHostAlloc calls (pinned bin layouts). The capture itself is
+        the same: `capture_begin` / `capture_end` on a side stream, into the shared pool; captured
+        work does not run, so the stream only has to wait for the buffers' copies."""
+        stream = self.capture_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # thread_local: other threads (GaLore's refresh) may allocate and synchronise meanwhile.
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                static_loss = self.loss_fn(buffers)
+                static_loss.backward()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        return static_loss
 
     def _restore_grads(self) -> None:
         """Put the captured `.grad` tensors back (the Trainer's `zero_grad` sets them to None: zero them)."""

@@ -4,6 +4,8 @@ micro-batch slices, GaLore projector seeding), its `TrainingArguments`, and the 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,7 @@ class TargetTokenTrainer(Trainer):
         self.max_row_tokens = max_row_tokens
         self.graphed: GraphedForwardBackward | None = None
         self.fused_adapters = 0  # LoRA layers adding their output with one addmm (the binned step's)
+        self._pending_log: PendingLog | None = None
         if self.is_fsdp_enabled:
             # Before accelerate wraps the root's forward (for `full`, the causal LM is the root).
             enable_target_token_forward(base_model(self.model))
@@ -177,13 +180,26 @@ class TargetTokenTrainer(Trainer):
             self._batch_targets = None
         return total
 
+    def _clip_grad_norm(self, model):
+        """Binned steps (one process, no loss scaler): torch's `clip_grad_norm_` over the trained parameters,
+        as accelerate calls it there with every parameter (the frozen ones have no gradient, so the norm
+        and the clipping are the same), without walking the model's ~2,000 modules twice per step."""
+        if self.graphed is None or self.accelerator.distributed_type != DistributedType.NO \
+                or getattr(self.accelerator, "scaler", None) is not None:
+            return super()._clip_grad_norm(model)
+        return torch.nn.utils.clip_grad_norm_(self.graphed.params, self.args.max_grad_norm)
+
     def _add_tokens_seen(self, seen) -> None:
         self.tokens_seen = torch.as_tensor(seen) if self.tokens_seen is None else self.tokens_seen + seen
 
     def _binned_step(self, model, inputs, num_items_in_batch):
         """The batch's rows as fixed-size bins, each one forward + backward, captured and replayed as a
         CUDA graph after the first bins (`peftlab.train.graphs`); the loss the Trainer logs."""
-        model.train()
+        # `train()` walks every module (~10 ms of host time per QLoRA step): at the first step, and after
+        # anything that put the model in eval mode (PEFT's wrapper is in training mode while the model
+        # it wraps is not, hence the first step).
+        if self.graphed is None or not model.training:
+            model.train()
         lengths = inputs["row_lengths"]
         if max(lengths) > self.max_row_tokens:
             raise ValueError(f"a row of {max(lengths)} tokens is longer than max_row_tokens={self.max_row_tokens}")
@@ -195,6 +211,8 @@ class TargetTokenTrainer(Trainer):
             trained = [param for param in model.parameters() if param.requires_grad]
             self.graphed = GraphedForwardBackward(self._bin_loss(model), trained,
                                                   capture=self.cuda_graphs and self.args.device.type == "cuda")
+            # The Trainer's `model.zero_grad()` after each step walks every module for the few that train.
+            model.zero_grad = types.MethodType(_zero_grad_of(trained), model)
             self._capture_during_refresh()
         rows_per_bin = self.args.per_device_train_batch_size
         total = None
@@ -244,7 +262,34 @@ class TargetTokenTrainer(Trainer):
         own = getattr(self.optimizer, "optimizer", self.optimizer)
         if getattr(own, "last_grad_norm", None) is not None:
             grad_norm = own.last_grad_norm
+        if not self._defers_logs(tr_loss):
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+        bound = inspect.signature(Trainer._maybe_log_save_evaluate).bind(self, tr_loss, grad_norm, *args, **kwargs)
+        earlier, self._pending_log = self._pending_log, None
+        if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
+            self._pending_log = PendingLog(self, tr_loss, grad_norm, bound.arguments.get("start_time"),
+                                           bound.arguments.get("learning_rate"))
+            tr_loss -= tr_loss  # what transformers does once it has read the value
+            self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
+        if earlier is not None:
+            earlier.write(self)
+        # Before anything that reads the log history or ends the loop, this step's log too.
+        if self._pending_log is not None and (
+                self.control.should_save or self.control.should_evaluate or self.control.should_training_stop
+                or self.state.global_step >= self.state.max_steps):
+            self._pending_log.write(self)
+            self._pending_log = None
+        self.control.should_log = False  # written (or pending) here
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _defers_logs(self, tr_loss) -> bool:
+        """`avoid_host_syncs` on one GPU: a logged step's loss and gradient norm are copied to the host
+        without waiting, and written at the next step's log (`PendingLog`): reading them at once
+        (`.item()`) would make the host wait for the GPU at every logged step, and the GPU then idles
+        while the host prepares the next step."""
+        return (self.avoid_host_syncs and torch.is_tensor(tr_loss) and tr_loss.is_cuda
+                and self.args.world_size == 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = is_packed(inputs)
@@ -280,6 +325,70 @@ class TargetTokenTrainer(Trainer):
             hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], **forward)
         loss = target_token_mean(causal_lm, hidden, labels, count, scale, self.loss_chunk_tokens)
         return (loss, None) if return_outputs else loss
+
+
+class PendingLog:
+    """One logged step's values on their way to the host (`TargetTokenTrainer._defers_logs`): the loss
+    sum and gradient norm copied into pinned memory behind the step's kernels, an event after them,
+    and the step's counters. `write` waits for the event only (work queued before it: the GPU is a
+    step further by then) and logs as transformers would have at that step."""
+
+    def __init__(self, trainer: Trainer, tr_loss: torch.Tensor, grad_norm, start_time: float | None,
+                 learning_rate: float | None) -> None:
+        state = trainer.state
+        self.steps = state.global_step - trainer._globalstep_last_logged
+        self.step, self.epoch, self.tokens = state.global_step, state.epoch, state.num_input_tokens_seen
+        self.start_time = start_time
+        self.learning_rate = learning_rate if learning_rate is not None else trainer._get_learning_rate()
+        self.loss = _to_host(tr_loss)
+        self.grad_norm = _to_host(grad_norm) if torch.is_tensor(grad_norm) else grad_norm
+        self.ready = None
+        if tr_loss.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def write(self, trainer: Trainer) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss = self.loss.item()
+        logs: dict[str, float] = {"loss": loss / self.steps}
+        if self.grad_norm is not None:
+            logs["grad_norm"] = self.grad_norm.item() if torch.is_tensor(self.grad_norm) else self.grad_norm
+        logs["learning_rate"] = self.learning_rate
+        trainer._total_loss_scalar += loss
+        state = trainer.state
+        now = state.global_step, state.epoch, state.num_input_tokens_seen
+        state.global_step, state.epoch, state.num_input_tokens_seen = self.step, self.epoch, self.tokens
+        try:
+            trainer.log(logs, self.start_time)
+        finally:
+            state.global_step, state.epoch, state.num_input_tokens_seen = now
+
+
+def _to_host(value: torch.Tensor) -> torch.Tensor:
+    if not value.is_cuda:
+        return value.detach().clone()
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value.detach(), non_blocking=True)
+    return host
+
+
+def _zero_grad_of(trained: list[torch.Tensor]):
+    """`Module.zero_grad` for a model whose only gradients are those of `trained`."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in trained:
+            if param.grad is None:
+                continue
+            if set_to_none:
+                param.grad = None
+                continue
+            if param.grad.grad_fn is not None:
+                param.grad.detach_()
+            else:
+                param.grad.requires_grad_(False)
+            param.grad.zero_()
+
+    return zero_grad
 
 
 def target_count(labels: torch.Tensor) -> torch.Tensor:
@@ -418,8 +527,6 @@ def adapter_inputs_uncast(model, autocast_bf16: bool):
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     """Activation checkpointing in the installed transformers' words: newer releases renamed
     `gradient_checkpointing` to `activation_checkpointing` (the old name warns); older ones know only it."""
-    import inspect
-
     known = inspect.signature(TrainingArguments.__init__).parameters
     name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
