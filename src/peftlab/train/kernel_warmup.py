@@ -10,7 +10,7 @@ more than with a warm cache (`benchmarks/results/h100-2026-12-06-before-warmup.j
 (the same widths, head counts and dtype: the same specialisations), at every bin size, one thread per
 kernel family, each on its own CUDA stream, and the cross-entropy kernel on one chunk of
 full-vocabulary logits, while the main thread loads the data and the weights. Measured: QLoRA's first
-step 1.27 s, nothing compiled in the loop (`benchmarks/results/h100-2026-12-06.json`). The Trainer waits
+step 1.33 s, nothing compiled in the loop (`benchmarks/results/h100-2026-12-06.json`). The Trainer waits
 for it before its first step (`wait`), inside the timed loop, so a warm-up that is not done yet still
 counts as training time. A failure is recorded, never raised: the kernels then compile in the first
 step as before.
