@@ -205,3 +205,11 @@ def test_a_string_or_a_list_for_report_to_and_the_first_type_that_fits():
     assert load_config("smoke").method("qlora").report_to == []
     with pytest.raises(UserError, match="report_to"):
         load_config("smoke", ["train.report_to={a: 1}"])
+
+
+def test_a_shipped_config_is_recorded_by_name_and_a_file_by_its_path(tmp_path):
+    assert load_config("samples").source_file == "samples"
+    assert load_config("examples/lowmem").source_file == "examples/lowmem"
+    own = tmp_path / "mine.yaml"
+    own.write_text((BUILTIN_CONFIG_DIR / "smoke.yaml").read_text())
+    assert load_config(str(own)).source_file == str(own)

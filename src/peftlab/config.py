@@ -303,8 +303,17 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> StudyCo
     for item in overrides or []:
         apply_override(raw, item)
     config = config_from_dict(raw, source=str(config_path))
-    config.source_file = str(config_path)
+    config.source_file = shipped_name(config_path) or str(config_path)
     return config
+
+
+def shipped_name(path: Path) -> str | None:
+    """A shipped config's name (`samples`, `examples/lowmem`) for its file, else None: what a run records
+    as its config (an install path means nothing on another machine)."""
+    try:
+        return path.resolve().relative_to(BUILTIN_CONFIG_DIR.resolve()).with_suffix("").as_posix()
+    except ValueError:
+        return None
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> StudyConfig:
