@@ -120,8 +120,10 @@ def test_bitsandbytes_step_with_one_sync_gives_the_same_update(device, paged, mo
     if device == "cuda":  # the CUDA path calls bitsandbytes' implementation directly
         assert direct is not None
         monkeypatch.setattr(optimizers, "_direct_8bit_update", lambda: lambda *args: called.append(1) or direct(*args))
-    # 5,000+ elements per tensor: bitsandbytes keeps smaller ones in fp32 states (min_8bit_size 4096).
-    theirs = [torch.nn.Parameter(torch.randn(64, 256, generator=torch.Generator().manual_seed(s)).to(device))
+    # 131,072 elements per tensor: bitsandbytes keeps fewer than 4,096 in fp32 states and pages only
+    # buffers of 100,000 or more.
+    shape = (512, 256)
+    theirs = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(s)).to(device))
               for s in range(3)]
     ours = copy.deepcopy(theirs)
     kind = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
@@ -139,6 +141,7 @@ def test_bitsandbytes_step_with_one_sync_gives_the_same_update(device, paged, mo
     if device == "cuda":
         torch.cuda.synchronize()
         assert len(called) == 9
-    start = [torch.randn(64, 256, generator=torch.Generator().manual_seed(s)).to(device) for s in range(3)]
+    assert all(getattr(patched.state[p]["state1"], "is_paged", False) == paged for p in ours)
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(s)).to(device) for s in range(3)]
     for a, b, before in zip(theirs, ours, start, strict=True):
         assert torch.equal(a, b) and not torch.equal(a, before)

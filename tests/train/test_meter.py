@@ -96,3 +96,23 @@ def test_phase_peaks_name_the_span_of_a_step_that_peaked():
     # The last span read the highest fake peak, so it ranks first.
     assert phases.result()["spans"][0]["span"] == "layer 0 recompute start -> optimizer start"
     assert {"kind": "layer N recompute start -> layer N recompute start", "peak_mib": 8.0} in phases.result()["kinds"]
+
+
+def test_step_times_measure_each_run_from_its_own_start(monkeypatch):
+    import time
+
+    import torch
+
+    from peftlab.train.meter import StepTimes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the host clock (a GPU: CUDA events)
+    clock = iter([10.0, 11.5, 12.0, 50.0, 50.25])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    times = StepTimes()
+    times.on_train_begin(None, None, None)
+    times.on_step_end(None, None, None)
+    times.on_step_end(None, None, None)
+    assert times.summary() == {"first_step_s": 1.5, "step_s_median": 0.5, "first_steps_s": [1.5, 0.5]}
+    times.on_train_begin(None, None, None)  # a second run (resumed): the 38 s between runs are no step
+    times.on_step_end(None, None, None)
+    assert times.durations == [1.5, 0.5, 0.25]

@@ -640,11 +640,13 @@ def test_floating_point_ops_counts_the_parameters_once_with_transformers_formula
 @pytest.mark.parametrize("logging_steps", [1, 2])
 def test_deferred_logs_give_the_same_history(smoke, tmp_path, monkeypatch, logging_steps):
     """A logged step's values read at the next step (`PendingLog`, on one GPU) log what reading them
-    at once does: the same steps, epochs, losses, gradient norms and training-loss mean."""
+    at once does: the same steps, epochs, losses, gradient norms and training-loss mean, and the same
+    history in a checkpoint written between two logs."""
     from peftlab.train import trainer as trainer_module
 
     config, run_dir = smoke
-    method = _method(config, "qlora", kind="lora", max_steps=5, logging_steps=logging_steps)
+    method = _method(config, "qlora", kind="lora", max_steps=5, logging_steps=logging_steps, save_steps=3,
+                     keep_checkpoints=True)
     deferred = {"on": False}
     written: list[int] = []
     trainers: list[TargetTokenTrainer] = []
@@ -669,3 +671,12 @@ def test_deferred_logs_give_the_same_history(smoke, tmp_path, monkeypatch, loggi
         for key, value in theirs.items():
             assert ours[key] == pytest.approx(value, rel=1e-6), key
     assert metrics[1]["train_loss_mean"] == pytest.approx(metrics[0]["train_loss_mean"], rel=1e-6)
+    import json
+
+    saved = [json.loads((tmp_path / str(on) / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+             for on in (False, True)]
+    assert [e["step"] for e in saved[1]["log_history"]] == [step for step in logged if step <= 3]
+    for ours, theirs in zip(saved[1]["log_history"], saved[0]["log_history"], strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in theirs.keys() - set(speed):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key

@@ -239,7 +239,9 @@ class GraphedForwardBackward:
                 param.grad = torch.zeros_like(param)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-            self.capture_stream = torch.cuda.Stream()
+            # High priority: drawn from another pool than the default-priority streams of GaLore's refresh
+            # threads, which run while `capture_ahead` captures (work on a capturing stream is captured).
+            self.capture_stream = torch.cuda.Stream(priority=-1)
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:

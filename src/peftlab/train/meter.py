@@ -130,6 +130,9 @@ class StepTimes(TrainerCallback):
         self._last = now
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._read_events(wait=True)  # an earlier run's (the time between runs is no step)
+        self._events = []
+        self._last = None
         self._mark()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -15,6 +15,8 @@ dispatch per parameter (36 ms of host time per QLoRA step, `h100-2026-12-06-firs
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from collections.abc import Callable
 
@@ -27,8 +29,6 @@ def without_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
         from bitsandbytes.optim.optimizer import Optimizer8bit
     except ImportError:
         return False
-    import inspect
-
     # torch wraps each optimizer class's `step` in a profiling hook; unwrap it to compare.
     if inspect.unwrap(type(optimizer).step) is not inspect.unwrap(Optimizer8bit.step):
         return False  # not bitsandbytes' own loop (e.g. galore-torch's 8-bit GaLore)
@@ -60,14 +60,20 @@ def step_with_one_sync(self, closure=None):
     return loss
 
 
+@functools.cache
 def _direct_8bit_update() -> Callable | None:
     """bitsandbytes' CUDA implementation of `optimizer_update_8bit_blockwise` (what its `torch.ops`
-    registration calls on CUDA), or None where it is not importable (no CUDA, another release)."""
+    registration calls on CUDA), or None where it is not importable (no CUDA, another release) or takes
+    other parameters than the public function whose arguments are passed to it."""
     if not torch.cuda.is_available():
         return None
     try:
+        import bitsandbytes.functional as functional
         from bitsandbytes.backends.cuda.ops import _optimizer_update_8bit_blockwise_impl
     except (ImportError, AttributeError):
+        return None
+    names = list(inspect.signature(_optimizer_update_8bit_blockwise_impl).parameters)
+    if names != list(inspect.signature(functional.optimizer_update_8bit_blockwise).parameters):
         return None
     return _optimizer_update_8bit_blockwise_impl
 
@@ -78,8 +84,9 @@ def _update_8bit_blockwise(self, group: dict, param: torch.Tensor, gindex: int, 
     from bitsandbytes.optim.optimizer import Optimizer2State
 
     state = self.state[param]
-    if (not isinstance(self, Optimizer2State) or not param.is_cuda or state["state1"].dtype != torch.uint8
-            or "absmax1" not in state):
+    # Only Optimizer2State's own update (AdEMAMix, a subclass, schedules its alpha and beta3 in its own).
+    if (inspect.unwrap(type(self).update_step) is not inspect.unwrap(Optimizer2State.update_step)
+            or not param.is_cuda or state["state1"].dtype != torch.uint8 or "absmax1" not in state):
         return False
     if not param.is_contiguous():
         param.data = param.data.contiguous()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ class TargetTokenTrainer(Trainer):
                                self.galore_projection)
 
     def _save_checkpoint(self, model, trial):
+        if self.args.device.type == "cuda":
+            # Nothing in a step waits for the GPU (`avoid_host_syncs`): finish the queued steps first, so the
+            # write reads their results (bitsandbytes' paged states are read on the host without a sync) and
+            # their time counts as training, not as the save's.
+            torch.cuda.synchronize()
         if self.segments is None:
             return super()._save_checkpoint(model, trial)
         # A checkpoint written before the records existed has no entry; transformers expects one.
@@ -275,13 +281,24 @@ class TargetTokenTrainer(Trainer):
         if earlier is not None:
             earlier.write(self)
         # Before anything that reads the log history or ends the loop, this step's log too.
-        if self._pending_log is not None and (
-                self.control.should_save or self.control.should_evaluate or self.control.should_training_stop
+        if (self.control.should_save or self.control.should_evaluate or self.control.should_training_stop
                 or self.state.global_step >= self.state.max_steps):
-            self._pending_log.write(self)
-            self._pending_log = None
+            self._write_pending_log()
         self.control.should_log = False  # written (or pending) here
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _write_pending_log(self) -> None:
+        pending, self._pending_log = self._pending_log, None
+        if pending is not None:
+            pending.write(self)
+
+    def train(self, *args, **kwargs):
+        self._pending_log = None  # one left by an interrupted earlier call belongs to no run
+        return super().train(*args, **kwargs)
+
+    def _finalize_training(self, *args, **kwargs):
+        self._write_pending_log()  # a log made by the loop's last call (e.g. at an epoch's end)
+        return super()._finalize_training(*args, **kwargs)
 
     def _defers_logs(self, tr_loss) -> bool:
         """`avoid_host_syncs` on one GPU: a logged step's loss and gradient norm are copied to the host
@@ -339,6 +356,7 @@ class PendingLog:
         self.steps = state.global_step - trainer._globalstep_last_logged
         self.step, self.epoch, self.tokens = state.global_step, state.epoch, state.num_input_tokens_seen
         self.start_time = start_time
+        self.created = time.time()
         self.learning_rate = learning_rate if learning_rate is not None else trainer._get_learning_rate()
         self.loss = _to_host(tr_loss)
         self.grad_norm = _to_host(grad_norm) if torch.is_tensor(grad_norm) else grad_norm
@@ -359,8 +377,10 @@ class PendingLog:
         state = trainer.state
         now = state.global_step, state.epoch, state.num_input_tokens_seen
         state.global_step, state.epoch, state.num_input_tokens_seen = self.step, self.epoch, self.tokens
+        # transformers' speed fields divide by the time since `start_time`: as of the logged step.
+        start_time = None if self.start_time is None else self.start_time + (time.time() - self.created)
         try:
-            trainer.log(logs, self.start_time)
+            trainer.log(logs, start_time)
         finally:
             state.global_step, state.epoch, state.num_input_tokens_seen = now
 
