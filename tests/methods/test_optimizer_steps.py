@@ -1,5 +1,5 @@
 """The optimizer-step levers give the libraries' own updates to the bit: GaLore-AdamW with foreach
-moments (`methods/galore_foreach.py`) and bitsandbytes' 8-bit AdamW with one sync per step
+moments (`methods/galore_foreach.py`) and bitsandbytes' 8-bit AdamW without its syncs
 (`train/optimizers.py`)."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_foreach_galore_adamw_runs_galore_torchs_loop_on_a_cpu():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("paged", [False, True])
-def test_bitsandbytes_step_with_one_sync_gives_the_same_update(device, paged, monkeypatch):
+def test_bitsandbytes_step_without_syncs_gives_the_same_update(device, paged, monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     if paged and device == "cpu":
         pytest.skip("bitsandbytes pages GPU memory only")
@@ -129,8 +129,8 @@ def test_bitsandbytes_step_with_one_sync_gives_the_same_update(device, paged, mo
     kind = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     plain = kind(theirs, lr=1e-2, weight_decay=0.01)
     patched = kind(ours, lr=1e-2, weight_decay=0.01)
-    assert optimizers.without_per_parameter_syncs(patched)
-    assert not optimizers.without_per_parameter_syncs(torch.optim.AdamW(ours))
+    assert optimizers.without_step_syncs(patched)
+    assert not optimizers.without_step_syncs(torch.optim.AdamW(ours))
     generator = torch.Generator().manual_seed(2)
     for _ in range(3):
         for a, b in zip(theirs, ours, strict=True):

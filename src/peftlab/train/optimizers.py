@@ -3,7 +3,7 @@
 bitsandbytes' 8-bit optimizers (`paged_adamw_8bit`, QLoRA's) call `torch.cuda.synchronize()` after
 every parameter's update: 364 syncs per QLoRA step on Gemma 3 1B, ~45 ms of a 260 ms step on an H100
 (`benchmarks/results/h100-2026-12-06-profile-default.json`). Kernels on one stream run in order
-anyway; `step_with_one_sync` runs the same per-parameter updates (the same bitsandbytes kernels)
+anyway; `step_without_syncs` runs the same per-parameter updates (the same bitsandbytes kernels)
 without them. bitsandbytes' paged states are prefetched and updated by kernels on the default stream,
 in order with the training's own, so no sync is needed at the end of the step either: the host goes
 on to the next step while the GPU finishes this one.
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 
 
-def without_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
-    """Give a bitsandbytes 8-bit optimizer (this instance) `step_with_one_sync`; False if it is none."""
+def without_step_syncs(optimizer: torch.optim.Optimizer) -> bool:
+    """Give a bitsandbytes 8-bit optimizer (this instance) `step_without_syncs`; False if it is none."""
     try:
         from bitsandbytes.optim.optimizer import Optimizer8bit
     except ImportError:
@@ -32,12 +32,12 @@ def without_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
     # torch wraps each optimizer class's `step` in a profiling hook; unwrap it to compare.
     if inspect.unwrap(type(optimizer).step) is not inspect.unwrap(Optimizer8bit.step):
         return False  # not bitsandbytes' own loop (e.g. galore-torch's 8-bit GaLore)
-    optimizer.step = types.MethodType(step_with_one_sync, optimizer)
+    optimizer.step = types.MethodType(step_without_syncs, optimizer)
     return True
 
 
 @torch.no_grad()
-def step_with_one_sync(self, closure=None):
+def step_without_syncs(self, closure=None):
     """bitsandbytes' `Optimizer8bit.step` (0.50) less the sync after each parameter and at the end."""
     loss = None
     if closure is not None:

@@ -37,7 +37,7 @@ from peftlab.train.loss import (
     final_hidden_states,
     target_token_mean,
 )
-from peftlab.train.optimizers import without_per_parameter_syncs
+from peftlab.train.optimizers import without_step_syncs
 from peftlab.train.packing import attention_inputs, is_packed, packed_slices, pad_to_multiple, select_rows
 from peftlab.train.segments import RunSegments
 
@@ -67,8 +67,8 @@ class TargetTokenTrainer(Trainer):
 
         `pad_tokens_to_multiple_of` / `pad_id`: padding-free forwards padded to a multiple of tokens.
         `avoid_host_syncs` (the method's key): count a padding-free batch's tokens from its host-side row
-        lengths (one process: no device-to-host sync per micro-batch), and step bitsandbytes' optimizers
-        with one sync instead of one per parameter (`peftlab.train.optimizers`).
+        lengths (one process: no device-to-host sync per micro-batch), step bitsandbytes' optimizers without
+        their syncs (`peftlab.train.optimizers`), and read logged values one step later (`PendingLog`).
 
         `graph_tokens`: padding-free batches run as bins of exactly this many tokens (`peftlab.train.graphs`),
         on CUDA captured once as a CUDA graph of forward + backward unless `cuda_graphs` is false;
@@ -102,8 +102,8 @@ class TargetTokenTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.avoid_host_syncs:  # bitsandbytes' step syncs once, not per parameter
-            without_per_parameter_syncs(optimizer)
+        if self.avoid_host_syncs:  # bitsandbytes' step without its syncs
+            without_step_syncs(optimizer)
         if self.galore_projection == "gram":
             from peftlab.methods.galore_basis import seed_projectors
 
