@@ -47,7 +47,11 @@ def step_without_syncs(self, closure=None):
         self.check_overrides()
         self.to_gpu()
         self.initialized = True
-    direct = _direct_8bit_update()
+    # Only Optimizer2State's own update (AdEMAMix, a subclass, schedules its alpha and beta3 in its own).
+    from bitsandbytes.optim.optimizer import Optimizer2State
+
+    own_update = inspect.unwrap(type(self).update_step) is inspect.unwrap(Optimizer2State.update_step)
+    direct = _direct_8bit_update() if own_update else None
     for gindex, group in enumerate(self.param_groups):
         for pindex, param in enumerate(group["params"]):
             if param.grad is None:
@@ -81,12 +85,8 @@ def _direct_8bit_update() -> Callable | None:
 def _update_8bit_blockwise(self, group: dict, param: torch.Tensor, gindex: int, pindex: int, direct: Callable) -> bool:
     """`Optimizer2State.update_step` for an 8-bit blockwise state on CUDA, calling `direct`; False (nothing
     done) for any other state, which `update_step` then handles."""
-    from bitsandbytes.optim.optimizer import Optimizer2State
-
     state = self.state[param]
-    # Only Optimizer2State's own update (AdEMAMix, a subclass, schedules its alpha and beta3 in its own).
-    if (inspect.unwrap(type(self).update_step) is not inspect.unwrap(Optimizer2State.update_step)
-            or not param.is_cuda or state["state1"].dtype != torch.uint8 or "absmax1" not in state):
+    if not param.is_cuda or state["state1"].dtype != torch.uint8 or "absmax1" not in state:
         return False
     if not param.is_contiguous():
         param.data = param.data.contiguous()

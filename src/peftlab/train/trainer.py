@@ -394,19 +394,13 @@ def _to_host(value: torch.Tensor) -> torch.Tensor:
 
 
 def _zero_grad_of(trained: list[torch.Tensor]):
-    """`Module.zero_grad` for a model whose only gradients are those of `trained`."""
+    """`Module.zero_grad` for a model whose only gradients are those of `trained`: what the Trainer calls
+    (set to None) touches those alone; zeroing in place stays `Module.zero_grad`'s own."""
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return torch.nn.Module.zero_grad(self, set_to_none=False)
         for param in trained:
-            if param.grad is None:
-                continue
-            if set_to_none:
-                param.grad = None
-                continue
-            if param.grad.grad_fn is not None:
-                param.grad.detach_()
-            else:
-                param.grad.requires_grad_(False)
-            param.grad.zero_()
+            param.grad = None
 
     return zero_grad
 
